@@ -1,0 +1,264 @@
+"""The data path: reading and writing one chunk of one file through cache, store and envelope.
+
+Must not know POSIX semantics (sizes, handles, directories; vfs does) and never writes
+plaintext anywhere but memory. Sealing and opening run in worker threads under one limiter;
+store fetches are single-flight (two readers of one chunk cause one GET) and bounded in time.
+
+Cancellation: a cancelled write_chunk may leave a staged object that no row refers to (it is
+harmless and never uploaded); a cancelled read leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import trio
+
+from mifs.cache import ChunkCache
+from mifs.crypto import envelope
+from mifs.crypto.keyring import MasterKey
+from mifs.errors import DataUnavailable, IntegrityError, ObjectNotFound, StoreUnavailable
+from mifs.metadb import tables
+from mifs.metadb.db import MetaDb
+from mifs.store.base import ObjectStore
+from mifs.types import ArchiveId, FileId, InodeId, ObjectKey
+from mifs.uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+READAHEAD_CHUNKS = 4
+
+
+def new_object_key() -> ObjectKey:
+    """A random object name: 128 bits, hex, fanned out over 256 prefixes."""
+    name = secrets.token_hex(16)
+    return ObjectKey(f"data/{name[:2]}/{name}")
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """What the data path needs to seal and open one file's chunks."""
+
+    inode: InodeId
+    file_id: FileId
+    dek: bytes = field(repr=False)
+
+
+class PlaintextCache:
+    """A small LRU of decrypted chunks, by object key (so a new generation never hits an old one)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit = limit_bytes
+        self._items: collections.OrderedDict[ObjectKey, bytes] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: ObjectKey) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: ObjectKey, data: bytes) -> None:
+        if len(data) > self._limit:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._items[key] = data
+        self._bytes += len(data)
+        while self._bytes > self._limit:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    def drop(self, key: ObjectKey) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old)
+
+
+class DataPath:
+    def __init__(
+        self,
+        *,
+        kek: MasterKey,
+        archive_id: ArchiveId,
+        db: MetaDb,
+        cache: ChunkCache,
+        store: ObjectStore,
+        uploader: Uploader,
+        chunk_size: int,
+        plaintext_cache_bytes: int,
+        fetch_timeout: float = 60.0,
+        crypto_threads: int = 4,
+    ) -> None:
+        self._kek = kek
+        self._archive_id = archive_id
+        self._db = db
+        self._cache = cache
+        self._store = store
+        self._uploader = uploader
+        self.chunk_size = chunk_size
+        self._plain = PlaintextCache(max(plaintext_cache_bytes, (READAHEAD_CHUNKS + 2) * chunk_size))
+        self._fetch_timeout = fetch_timeout
+        self._crypto = trio.CapacityLimiter(crypto_threads)
+        self._fetching: dict[ObjectKey, trio.Event] = {}
+        self._last_read: dict[InodeId, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self.integrity_failures = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the nursery of read-ahead fetches."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def new_file_key(self) -> tuple[FileId, bytes]:
+        """A fresh file id and its data key, wrapped under the KEK, for a new file."""
+        file_id = envelope.new_file_id()
+        dek = envelope.new_data_key()
+        return file_id, envelope.wrap_data_key(self._kek, self._archive_id, file_id, dek)
+
+    def file_key(self, inode: InodeId, file_id: FileId, wrapped_dek: bytes) -> FileKey:
+        dek = envelope.unwrap_data_key(self._kek, self._archive_id, file_id, wrapped_dek)
+        return FileKey(inode, file_id, dek)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _seal_and_stage(self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview) -> int:
+        blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, data)
+        self._cache.stage_sync(key, blob)
+        return len(blob)
+
+    async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> None:
+        """Seal `data` as chunk `idx` (a new generation and object), stage it durably on local
+        disk (file fsynced; its directory is fsynced by the next commit), record it in the open
+        metadata transaction and queue its upload."""
+        generation = tables.take_generations(self._db, fk.inode)
+        key = new_object_key()
+        stored_len = await trio.to_thread.run_sync(
+            self._seal_and_stage, fk, idx, generation, key, data, limiter=self._crypto
+        )
+        old = tables.put_chunk(
+            self._db,
+            tables.ChunkRow(fk.inode, idx, key, len(data), stored_len, generation, tables.STATE_STAGED),
+        )
+        if old is not None:
+            self._plain.drop(old)
+        self._uploader.enqueue(key, stored_len)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def read_chunk(self, fk: FileKey, idx: int, *, readahead: bool = True) -> bytes | None:
+        """The plaintext of chunk `idx` (its plain_len bytes), or None where the file has a hole."""
+        if readahead:
+            self._schedule_readahead(fk, idx)
+        for _ in range(3):
+            row = tables.get_chunk(self._db, fk.inode, idx)
+            if row is None:
+                return None
+            try:
+                return await self._plaintext(fk, row)
+            except ObjectNotFound:
+                # The chunk may have been rewritten and its old object collected meanwhile.
+                if tables.get_chunk(self._db, fk.inode, idx) == row:
+                    break
+        log.error("chunk object of inode %d index %d is missing from the store", fk.inode, idx)
+        raise DataUnavailable("chunk object is missing")
+
+    async def _plaintext(self, fk: FileKey, row: tables.ChunkRow) -> bytes:
+        key = row.object_key
+        while True:
+            data = self._plain.get(key)
+            if data is not None:
+                return data
+            pending = self._fetching.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+            data = self._plain.get(key)
+            if data is not None:
+                return data
+        done = self._fetching[key] = trio.Event()
+        try:
+            data = await self._fetch_and_open(fk, row)
+            self._plain.put(key, data)
+            return data
+        finally:
+            del self._fetching[key]
+            done.set()
+
+    def _open(self, fk: FileKey, row: tables.ChunkRow, blob: bytes) -> bytes:
+        payload, _flags = envelope.open_chunk(fk.dek, self._archive_id, fk.file_id, row.idx, row.generation, blob)
+        if len(payload) != row.plain_len:
+            raise IntegrityError("chunk length does not match the metadata")
+        return payload
+
+    async def _fetch_and_open(self, fk: FileKey, row: tables.ChunkRow) -> bytes:
+        key = row.object_key
+        blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+        if blob is not None:
+            try:
+                return await trio.to_thread.run_sync(self._open, fk, row, blob, limiter=self._crypto)
+            except IntegrityError:
+                if row.state != tables.STATE_STORED:
+                    self._integrity_failure(fk, row, "local staged copy")
+                    raise
+                log.warning("cached copy of object %s failed authentication; fetching it again", key)
+                await trio.to_thread.run_sync(self._cache.discard_sync, key)
+        blob = await self._get_from_store(key)
+        try:
+            data = await trio.to_thread.run_sync(self._open, fk, row, blob, limiter=self._crypto)
+        except IntegrityError:
+            self._integrity_failure(fk, row, "store")
+            raise
+        await trio.to_thread.run_sync(self._cache.fill_sync, key, blob)
+        return data
+
+    async def _get_from_store(self, key: ObjectKey) -> bytes:
+        delay = 0.1
+        with trio.move_on_after(self._fetch_timeout):
+            while True:
+                try:
+                    return await self._store.get(key)
+                except StoreUnavailable as exc:
+                    log.warning("fetching object %s failed, retrying: %s", key, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise DataUnavailable(f"object {key} could not be fetched within {self._fetch_timeout:.0f}s")
+
+    def _integrity_failure(self, fk: FileKey, row: tables.ChunkRow, where: str) -> None:
+        self.integrity_failures += 1
+        log.error(
+            "integrity failure: object %s (inode %d, chunk %d, generation %d) from %s failed authentication",
+            row.object_key, fk.inode, row.idx, row.generation, where,
+        )
+
+    def _schedule_readahead(self, fk: FileKey, idx: int) -> None:
+        last = self._last_read.get(fk.inode)
+        self._last_read[fk.inode] = idx
+        if self._nursery is None or last is None or idx != last + 1:
+            return
+        for ahead in range(idx + 1, idx + 1 + READAHEAD_CHUNKS):
+            row = tables.get_chunk(self._db, fk.inode, ahead)
+            if row is None:
+                break
+            if self._plain.get(row.object_key) is None and row.object_key not in self._fetching:
+                self._nursery.start_soon(self._prefetch, fk, row)
+
+    async def _prefetch(self, fk: FileKey, row: tables.ChunkRow) -> None:
+        try:
+            await self._plaintext(fk, row)
+        except (IntegrityError, DataUnavailable, ObjectNotFound):
+            pass  # the foreground read will report it
+
+    def forget_file(self, inode: InodeId) -> None:
+        self._last_read.pop(inode, None)
+
+    def statistics(self) -> dict[str, int]:
+        return {"integrity_failures": self.integrity_failures, "fetches_in_flight": len(self._fetching)}

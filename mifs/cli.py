@@ -1,0 +1,322 @@
+"""The `mifs` command: argument parsing, exit codes and printing. No business logic here.
+
+Every failure is one line on stderr ("mifs: error: ...") and a non-zero exit code from the
+table in README.md; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import trio
+
+from mifs import __version__
+from mifs.archive import check_no_archive, create_archive, new_descriptor
+from mifs.config import DEFAULT_CACHE_SIZE, DEFAULT_CHUNK_SIZE, KNOWN_FUSE_OPTIONS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MountConfig, format_size, parse_size
+from mifs.control_protocol import ControlUnavailable, request
+from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
+from mifs.errors import ArchiveExists, KeyFileError, MifsError, StoreNotFound, StoreUnavailable, UserError
+from mifs.metadb import tables
+from mifs.mount import (
+    EXIT_ARCHIVE,
+    EXIT_DAEMON,
+    EXIT_INTERNAL,
+    EXIT_KEY,
+    EXIT_MOUNTPOINT,
+    EXIT_STORE,
+    EXIT_USAGE,
+    default_cache_dir,
+    default_key_file,
+    mount,
+    open_archive,
+    open_cache_db,
+    run_fusermount,
+    translate,
+)
+from mifs.store.url import open_store, parse_store_url
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see mifs {self.prog.split()[-1]} --help)" if " " in self.prog else message, EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mifs", description="mifs: the medical image filesystem gateway")
+    parser.add_argument("--version", action="version", version=f"mifs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("init", help="create a new archive in a store")
+    p.add_argument("store", help="a directory, file:///path or s3://bucket/prefix")
+    p.add_argument("--key-file", type=Path, help="master key file: used if it exists, generated (0600) if not")
+    p.add_argument("--chunk-size", default="4MiB", help="chunk size (default 4MiB)")
+
+    p = sub.add_parser("mount", help="mount an archive")
+    p.add_argument("store")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-size", default=None, help=f"local cache limit (default {format_size(DEFAULT_CACHE_SIZE)})")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground and log to stderr")
+    p.add_argument("--log-file", type=Path)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
+
+    p = sub.add_parser("umount", help="flush, upload and unmount")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for pending uploads")
+
+    p = sub.add_parser("status", help="show an archive's state")
+    p.add_argument("target", help="a mount point or a store")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    return parser
+
+
+# --- init --------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    chunk_size = parse_size(args.chunk_size, "chunk size")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % 4096:
+        raise UserError(
+            f"chunk size must be a multiple of 4KiB between {format_size(MIN_CHUNK_SIZE)} and {format_size(MAX_CHUNK_SIZE)}", EXIT_USAGE
+        )
+    location = parse_store_url(args.store)
+    key_file: Path | None = args.key_file
+    existing_key = key_file is not None and key_file.exists()
+    kek = load_key_file(key_file) if existing_key and key_file else MasterKey.generate()
+
+    async def run() -> tuple[str, Path]:
+        store = open_store(location, create=True)
+        await check_no_archive(store)
+        desc = new_descriptor(kek, chunk_size)
+        target = key_file or default_key_file(desc.archive_id_hex)
+        created_key = False
+        if not existing_key:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_key_file(target, kek)
+            created_key = True
+        try:
+            await create_archive(store, desc, kek)
+        except BaseException:
+            if created_key:
+                target.unlink(missing_ok=True)
+            raise
+        return desc.archive_id_hex, target
+
+    try:
+        archive_id, target = trio.run(run)
+    except ArchiveExists as exc:
+        raise UserError(str(exc), EXIT_ARCHIVE) from None
+    except (StoreNotFound, StoreUnavailable) as exc:
+        raise UserError(str(exc), EXIT_STORE) from None
+    print(f"created archive {archive_id} in {location}")
+    print(f"chunk size: {format_size(chunk_size)}")
+    if existing_key:
+        print(f"master key: {target} (existing)")
+    else:
+        print(f"master key: {target} (new; back it up: without it the archive cannot be read)")
+    return 0
+
+
+# --- mount / umount ----------------------------------------------------------------------------
+
+
+def _fuse_options(raw: Sequence[str]) -> list[str]:
+    options: list[str] = []
+    for group in raw:
+        for option in filter(None, (o.strip() for o in group.split(","))):
+            if option not in KNOWN_FUSE_OPTIONS:
+                raise UserError(f"unknown mount option {option!r} (known: {', '.join(sorted(KNOWN_FUSE_OPTIONS))})", EXIT_USAGE)
+            options.append(option)
+    return options
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    cfg = MountConfig(
+        store_url=args.store,
+        mountpoint=args.mountpoint.absolute(),
+        key_file=args.key_file,
+        cache_dir=args.cache_dir.absolute() if args.cache_dir else None,
+        foreground=args.foreground,
+        fuse_options=_fuse_options(args.options),
+        log_file=args.log_file,
+        debug=args.debug,
+    )
+    if args.cache_size:
+        cfg.cache_size = parse_size(args.cache_size, "cache size")
+    mount(cfg)
+    return 0
+
+
+def _is_fuse_mount(path: Path) -> str | None:
+    """The filesystem type of the mount at path (from /proc/self/mountinfo), or None."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4].encode().decode("unicode_escape") == real:
+                    return fields[sep + 1]
+    except OSError:
+        return None
+    return None
+
+
+def _wait_pid_gone(pid: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = args.mountpoint.absolute()
+    final: dict[str, Any] | None = None
+    try:
+        for reply in request(mountpoint, {"op": "umount", "wait": not args.no_wait}, timeout=None):
+            if "progress" in reply:
+                progress = reply["progress"]
+                print(f"mifs: waiting for {progress.get('pending_uploads')} uploads ({format_size(progress.get('pending_bytes') or 0)})", file=sys.stderr)
+            else:
+                final = reply
+    except ControlUnavailable:
+        fstype = _is_fuse_mount(mountpoint)
+        if fstype == "fuse.mifs":
+            problem = run_fusermount(mountpoint, lazy=True)
+            if problem:
+                raise UserError(f"the mifs daemon for {mountpoint} is not running and detaching failed: {problem}", EXIT_DAEMON) from None
+            raise UserError(
+                f"the mifs daemon for {mountpoint} was not running; detached the dead mount (mount again to recover)", EXIT_DAEMON
+            ) from None
+        raise UserError(f"{mountpoint} is not a mifs mount", EXIT_DAEMON) from None
+    if final is None:
+        raise UserError(f"the mifs daemon for {mountpoint} closed the connection without confirming the unmount", EXIT_DAEMON)
+    if not final.get("ok"):
+        message = str(final.get("error", "unmount failed"))
+        raise UserError(message, EXIT_MOUNTPOINT if "busy" in message else EXIT_DAEMON)
+    if isinstance(final.get("pid"), int):
+        _wait_pid_gone(final["pid"])
+    pending = final.get("pending_uploads") or 0
+    if pending:
+        print(f"unmounted {mountpoint}; {pending} chunks ({format_size(final.get('pending_bytes') or 0)}) are staged locally and upload at the next mount")
+    return 0
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
+    archive = trio.run(lambda: open_archive(args.target, args.key_file, need_key=False))
+    desc = archive.descriptor
+    status: dict[str, Any] = {
+        "mounted": False,
+        "archive_id": desc.archive_id_hex,
+        "store": str(archive.location),
+        "chunk_size": desc.chunk_size,
+        "created": desc.created,
+        "kek_id": desc.kek_id.hex(),
+    }
+    cache_dir = args.cache_dir or default_cache_dir(desc.archive_id_hex)
+    if archive.kek is not None and (cache_dir / "meta.db").exists():
+        db = open_cache_db(cache_dir, archive)
+        try:
+            counts = tables.counts(db)
+        finally:
+            db.close()
+        status.update(
+            files=counts.files, directories=counts.directories, symlinks=counts.symlinks, bytes=counts.bytes,
+            objects=counts.objects, stored_bytes=counts.stored_bytes, pending_uploads=counts.pending_uploads,
+            pending_bytes=counts.pending_bytes, cache_dir=str(cache_dir),
+        )
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    status: dict[str, Any] | None = None
+    if "://" not in args.target and target.is_dir():
+        try:
+            for reply in request(target.absolute(), {"op": "status"}, timeout=10):
+                if reply.get("ok"):
+                    status = reply["status"]
+        except ControlUnavailable:
+            if _is_fuse_mount(target) == "fuse.mifs":
+                raise UserError(f"the mifs daemon for {target} is not responding", EXIT_DAEMON) from None
+    if status is None:
+        status = _offline_status(args)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_status(status)
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    rows = [
+        ("archive", status.get("archive_id")),
+        ("store", status.get("store")),
+        ("mounted", f"yes, at {status['mountpoint']} (pid {status['pid']})" if status.get("mounted") else "no"),
+    ]
+    if "files" in status:
+        rows += [
+            ("files", f"{status['files']} in {status['directories']} directories, {format_size(status['bytes'])}"),
+            ("objects", f"{status['objects']} ({format_size(status['stored_bytes'])} stored)"),
+            ("pending uploads", f"{status['pending_uploads']} ({format_size(status['pending_bytes'])})"),
+        ]
+    if status.get("mounted"):
+        rows += [
+            ("cache", f"{format_size(status['cache_bytes'])} of {format_size(status['cache_limit'])}, {status['cache_hits']} hits, {status['cache_misses']} misses"),
+            ("store reachable", "yes" if status["store_reachable"] else "no"),
+        ]
+        if status.get("last_error"):
+            rows.append(("last error", status["last_error"]))
+        if status.get("failsafe"):
+            rows.append(("FAILSAFE", f"read-only after an internal error: {status['failsafe']}"))
+    elif "chunk_size" in status:
+        rows.append(("chunk size", format_size(status["chunk_size"])))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"mifs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyFileError as exc:
+        print(f"mifs: error: {exc}", file=sys.stderr)
+        return EXIT_KEY
+    except MifsError as exc:
+        err = translate(exc)
+        print(f"mifs: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("mifs: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, details in the log
+        print(f"mifs: error: internal error ({exc.__class__.__name__}: {exc}); please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The daemon's side of the control channel: answers status and umount requests from the CLI.
+
+Must not change the filesystem itself: it reports statistics and asks the mount (through the
+callbacks it was built with) to unmount. Runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from mifs.control_protocol import decode, encode
+
+log = logging.getLogger(__name__)
+
+StatusFn = Callable[[], dict[str, Any]]
+UnmountFn = Callable[[], Awaitable[str | None]]
+
+
+class ControlServer:
+    def __init__(self, path: Path, status: StatusFn, unmount: UnmountFn, finished: trio.Event) -> None:
+        self._path = path
+        self._status = status
+        self._unmount = unmount
+        self._finished = finished
+        self.final_result: dict[str, Any] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(self._path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._handle, [listener])
+        finally:
+            try:
+                self._path.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                line = b""
+                with trio.fail_after(10):
+                    while b"\n" not in line:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            return
+                        line += data
+                request = decode(line.split(b"\n", 1)[0])
+                op = request.get("op")
+                if op == "status":
+                    await stream.send_all(encode({"ok": True, "status": self._status()}))
+                elif op == "umount":
+                    await self._handle_umount(stream, bool(request.get("wait", True)))
+                else:
+                    await stream.send_all(encode({"ok": False, "error": f"unknown request {op!r}"}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as exc:
+                log.debug("control connection ended: %s", exc)
+
+    async def _handle_umount(self, stream: trio.SocketStream, wait: bool) -> None:
+        problem = await self._unmount()
+        if problem is not None:
+            await stream.send_all(encode({"ok": False, "error": problem}))
+            return
+        while not self._finished.is_set():
+            with trio.move_on_after(1.0):
+                await self._finished.wait()
+            if not self._finished.is_set():
+                status = self._status()
+                await stream.send_all(encode({"progress": {k: status.get(k) for k in ("pending_uploads", "pending_bytes")}}))
+        await stream.send_all(encode({"ok": True, **self.final_result}))

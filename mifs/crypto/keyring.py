@@ -1,0 +1,121 @@
+"""Master keys (KEKs): generating and loading key files, key ids, and keys derived for a purpose.
+
+Must not touch the store, the metadata database or any plaintext file content.
+
+Key file format (text, one line): ``MIFS-KEK-1:`` followed by the base64 (standard alphabet,
+padded) encoding of 32 random bytes, then a newline. The file must not be readable by group or
+others. The KEK id is ``HKDF-SHA256(ikm=KEK, salt=none, info="mifs/v1/kek-id")[:16]``: it names
+the key in wrapped blobs and the descriptor without revealing anything about it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mifs.errors import KeyFileError
+from mifs.types import ARCHIVE_ID_LEN, KEY_LEN, ArchiveId
+
+KEY_FILE_PREFIX = "MIFS-KEK-1:"
+KEK_ID_LEN = 16
+
+
+def _hkdf(ikm: bytes, salt: bytes | None, info: bytes, length: int = KEY_LEN) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """A KEK held in memory. repr never shows the key bytes."""
+
+    secret: bytes = field(repr=False)
+    kek_id: bytes
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> MasterKey:
+        if len(secret) != KEY_LEN:
+            raise KeyFileError(f"a master key must be {KEY_LEN} bytes")
+        return cls(secret=secret, kek_id=_hkdf(secret, None, b"mifs/v1/kek-id", KEK_ID_LEN))
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls.from_secret(secrets.token_bytes(KEY_LEN))
+
+    def derive(self, archive_id: ArchiveId, purpose: str) -> bytes:
+        """A 256-bit key for one purpose of one archive (metadb, descriptor-mac, ...)."""
+        if len(archive_id) != ARCHIVE_ID_LEN:
+            raise ValueError("archive id must be 16 bytes")
+        return _hkdf(self.secret, bytes(archive_id), b"mifs/v1/" + purpose.encode("ascii"))
+
+
+def encode_key_file(key: MasterKey) -> bytes:
+    return (KEY_FILE_PREFIX + base64.b64encode(key.secret).decode("ascii") + "\n").encode("ascii")
+
+
+def write_key_file(path: Path, key: MasterKey) -> None:
+    """Create a new 0600 key file; never overwrites an existing one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    try:
+        os.write(fd, encode_key_file(key))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_key_text(text: bytes, source: str) -> MasterKey:
+    """Parse key file contents; `source` names where they came from, for the error message."""
+    line = text.strip()
+    prefix = KEY_FILE_PREFIX.encode("ascii")
+    if not line.startswith(prefix) or b"\n" in line:
+        raise KeyFileError(f"{source} is not a mifs key file (expected one line starting with {KEY_FILE_PREFIX})")
+    try:
+        secret = base64.b64decode(line[len(prefix):], validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(f"{source} is not a mifs key file (bad base64)") from None
+    if len(secret) != KEY_LEN:
+        raise KeyFileError(f"{source} does not hold a {KEY_LEN * 8}-bit key")
+    return MasterKey.from_secret(secret)
+
+
+def load_key_file(path: Path, *, check_mode: bool = True) -> MasterKey:
+    """Load a KEK from a key file, refusing files that group or others may read."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        if check_mode and st.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+            )
+        with open(path, "rb") as fh:
+            text = fh.read(4096)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except PermissionError:
+        raise KeyFileError(f"key file {path} is not readable") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"key file {path} is a directory") from None
+    return parse_key_text(text, f"key file {path}")

@@ -1,0 +1,1 @@
+"""The metadata database: inodes, directory entries, wrapped keys and chunk maps (SQLCipher)."""

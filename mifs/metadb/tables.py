@@ -1,0 +1,261 @@
+"""Typed reads and writes of the metadata tables (schema in schema.py).
+
+Must not decide POSIX semantics (vfs does) nor touch keys, chunks' bytes or the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mifs.metadb.db import MetaDb, Row
+from mifs.types import FileId, InodeId, ObjectKey
+
+STATE_STAGED = 0
+STATE_STORED = 1
+
+_INODE_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, file_id, wrapped_dek, next_gen, target"
+
+
+@dataclass
+class InodeRow:
+    id: InodeId
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    file_id: FileId | None = None
+    wrapped_dek: bytes | None = None
+    next_gen: int = 1
+    target: bytes | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> InodeRow:
+        return cls(
+            InodeId(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+            FileId(row[10]) if row[10] is not None else None, row[11], row[12], row[13],
+        )
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    inode: InodeId
+    idx: int
+    object_key: ObjectKey
+    plain_len: int
+    stored_len: int
+    generation: int
+    state: int
+
+
+# --- meta --------------------------------------------------------------------------------------
+
+
+def get_meta(db: MetaDb, key: str) -> bytes | None:
+    value = db.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+    return bytes(value) if value is not None else None
+
+
+def set_meta(db: MetaDb, key: str, value: bytes) -> None:
+    db.write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+# --- inodes ------------------------------------------------------------------------------------
+
+
+def get_inode(db: MetaDb, inode: InodeId) -> InodeRow | None:
+    row = db.one(f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?", (inode,))
+    return InodeRow.from_row(row) if row else None
+
+
+def insert_inode(db: MetaDb, row: InodeRow, *, with_id: bool = False) -> InodeId:
+    cols = _INODE_COLS if with_id else _INODE_COLS.split(", ", 1)[1]
+    values = (
+        row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns,
+        row.rdev, row.file_id, row.wrapped_dek, row.next_gen, row.target,
+    )
+    if with_id:
+        values = (row.id, *values)
+    marks = ", ".join("?" * len(values))
+    return InodeId(db.write(f"INSERT INTO inodes ({cols}) VALUES ({marks})", values))
+
+
+def save_inode_attrs(db: MetaDb, row: InodeRow) -> None:
+    """Persist the mutable attributes of an inode (not its key or content map)."""
+    db.write(
+        "UPDATE inodes SET mode=?, uid=?, gid=?, nlink=?, size=?, atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=?",
+        (row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns, row.id),
+    )
+
+
+def take_generations(db: MetaDb, inode: InodeId, count: int = 1) -> int:
+    """Reserve `count` chunk generations for an inode; returns the first. Never reused."""
+    first = db.scalar("SELECT next_gen FROM inodes WHERE id = ?", (inode,))
+    db.write("UPDATE inodes SET next_gen = next_gen + ? WHERE id = ?", (count, inode))
+    return int(first)
+
+
+def delete_inode(db: MetaDb, inode: InodeId) -> None:
+    """Remove an inode with its xattrs; its chunk objects become garbage."""
+    db.write("INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ?", (inode,))
+    db.write("DELETE FROM chunks WHERE inode = ?", (inode,))
+    db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
+    db.write("DELETE FROM inodes WHERE id = ?", (inode,))
+
+
+def orphan_inodes(db: MetaDb) -> list[InodeId]:
+    return [InodeId(r[0]) for r in db.all("SELECT id FROM inodes WHERE nlink = 0")]
+
+
+# --- directory entries -------------------------------------------------------------------------
+
+
+def lookup(db: MetaDb, parent: InodeId, name: bytes) -> InodeId | None:
+    value = db.scalar("SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+    return InodeId(value) if value is not None else None
+
+
+def add_dentry(db: MetaDb, parent: InodeId, name: bytes, inode: InodeId) -> None:
+    db.write("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, inode))
+
+
+def remove_dentry(db: MetaDb, parent: InodeId, name: bytes) -> None:
+    db.write("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
+
+def move_dentry(db: MetaDb, parent: InodeId, name: bytes, new_parent: InodeId, new_name: bytes) -> None:
+    db.write(
+        "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+        (new_parent, new_name, parent, name),
+    )
+
+
+def repoint_dentry(db: MetaDb, parent: InodeId, name: bytes, inode: InodeId) -> None:
+    db.write("UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (inode, parent, name))
+
+
+def has_children(db: MetaDb, parent: InodeId) -> bool:
+    return db.one("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,)) is not None
+
+
+def parent_of_dir(db: MetaDb, inode: InodeId) -> InodeId | None:
+    value = db.scalar("SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (inode,))
+    return InodeId(value) if value is not None else None
+
+
+def list_dentries(db: MetaDb, parent: InodeId, after_id: int, limit: int) -> list[tuple[int, bytes, InodeRow]]:
+    """Entries of a directory with their inodes, in stable id order after `after_id`."""
+    rows = db.all(
+        f"SELECT d.id, d.name, {', '.join('i.' + c for c in _INODE_COLS.split(', '))} "
+        "FROM dentries d JOIN inodes i ON i.id = d.inode "
+        "WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
+        (parent, after_id, limit),
+    )
+    return [(r[0], bytes(r[1]), InodeRow.from_row(r[2:])) for r in rows]
+
+
+# --- chunks ------------------------------------------------------------------------------------
+
+
+def get_chunk(db: MetaDb, inode: InodeId, idx: int) -> ChunkRow | None:
+    row = db.one(
+        "SELECT inode, idx, object_key, plain_len, stored_len, generation, state FROM chunks WHERE inode = ? AND idx = ?",
+        (inode, idx),
+    )
+    return ChunkRow(InodeId(row[0]), row[1], ObjectKey(row[2]), row[3], row[4], row[5], row[6]) if row else None
+
+
+def put_chunk(db: MetaDb, chunk: ChunkRow) -> ObjectKey | None:
+    """Record a newly sealed chunk; the object it replaces (if any) becomes garbage and is returned."""
+    old = db.scalar("SELECT object_key FROM chunks WHERE inode = ? AND idx = ?", (chunk.inode, chunk.idx))
+    if old is not None:
+        db.write("INSERT OR IGNORE INTO garbage (object_key) VALUES (?)", (old,))
+    db.write(
+        "INSERT OR REPLACE INTO chunks (inode, idx, object_key, plain_len, stored_len, generation, state) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (chunk.inode, chunk.idx, chunk.object_key, chunk.plain_len, chunk.stored_len, chunk.generation, chunk.state),
+    )
+    return ObjectKey(old) if old is not None else None
+
+
+def drop_chunks_from(db: MetaDb, inode: InodeId, first_idx: int) -> int:
+    """Forget chunks at and beyond first_idx (truncate); their objects become garbage."""
+    db.write(
+        "INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ? AND idx >= ?",
+        (inode, first_idx),
+    )
+    return db.write_count("DELETE FROM chunks WHERE inode = ? AND idx >= ?", (inode, first_idx))
+
+
+def mark_stored(db: MetaDb, key: ObjectKey) -> None:
+    db.write("UPDATE chunks SET state = ? WHERE object_key = ?", (STATE_STORED, key))
+
+
+def pending_uploads(db: MetaDb) -> list[tuple[ObjectKey, int]]:
+    return [(ObjectKey(r[0]), r[1]) for r in db.all("SELECT object_key, stored_len FROM chunks WHERE state = 0")]
+
+
+def chunk_state(db: MetaDb, key: ObjectKey) -> int | None:
+    value = db.scalar("SELECT state FROM chunks WHERE object_key = ?", (key,))
+    return int(value) if value is not None else None
+
+
+# --- garbage -----------------------------------------------------------------------------------
+
+
+def garbage_keys(db: MetaDb, limit: int = 1000) -> list[ObjectKey]:
+    return [ObjectKey(r[0]) for r in db.all("SELECT object_key FROM garbage LIMIT ?", (limit,))]
+
+
+def forget_garbage(db: MetaDb, key: ObjectKey) -> None:
+    db.write("DELETE FROM garbage WHERE object_key = ?", (key,))
+
+
+# --- extended attributes -----------------------------------------------------------------------
+
+
+def get_xattr(db: MetaDb, inode: InodeId, name: bytes) -> bytes | None:
+    value = db.scalar("SELECT value FROM xattrs WHERE inode = ? AND name = ?", (inode, name))
+    return bytes(value) if value is not None else None
+
+
+def set_xattr(db: MetaDb, inode: InodeId, name: bytes, value: bytes) -> None:
+    db.write("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (inode, name, value))
+
+
+def remove_xattr(db: MetaDb, inode: InodeId, name: bytes) -> bool:
+    return db.write_count("DELETE FROM xattrs WHERE inode = ? AND name = ?", (inode, name)) > 0
+
+
+def list_xattrs(db: MetaDb, inode: InodeId) -> list[bytes]:
+    return [bytes(r[0]) for r in db.all("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (inode,))]
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveCounts:
+    files: int
+    directories: int
+    symlinks: int
+    bytes: int
+    objects: int
+    stored_bytes: int
+    pending_uploads: int
+    pending_bytes: int
+    garbage: int
+
+
+def counts(db: MetaDb) -> ArchiveCounts:
+    files, file_bytes = db.one("SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE (mode & 61440) = 32768") or (0, 0)
+    dirs = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 16384")
+    links = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 40960")
+    objects, stored = db.one("SELECT count(*), coalesce(sum(stored_len), 0) FROM chunks") or (0, 0)
+    pending, pending_bytes = db.one("SELECT count(*), coalesce(sum(stored_len), 0) FROM chunks WHERE state = 0") or (0, 0)
+    garbage = db.scalar("SELECT count(*) FROM garbage")
+    return ArchiveCounts(files, dirs, links, file_bytes, objects, stored, pending, pending_bytes, garbage)

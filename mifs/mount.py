@@ -1,0 +1,448 @@
+"""Composition root: builds every component from the configuration, mounts, serves, unmounts.
+
+Owns the one trio nursery, pyfuse3 init/main/close, signals, the control socket and the
+daemon's process life (fork, readiness pipe). Business logic lives below; this module wires.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from mifs import __version__
+from mifs.archive import Descriptor, load_descriptor, verify_descriptor
+from mifs.cache import ChunkCache
+from mifs.chunks import DataPath
+from mifs.commits import Committer
+from mifs.config import MountConfig
+from mifs.control_protocol import socket_path
+from mifs.control_server import ControlServer
+from mifs.crypto.keyring import MasterKey, load_key_file
+from mifs.errors import (
+    ArchiveCorrupt,
+    KeyFileError,
+    StoreNotFound,
+    StoreUnavailable,
+    UserError,
+    WrongKey,
+)
+from mifs.metadb import tables
+from mifs.metadb.db import DatabaseTooNew, MetaDb
+from mifs.store.base import ObjectStore
+from mifs.store.url import StoreLocation, open_store, parse_store_url
+from mifs.uploader import Uploader
+from mifs.vfs.files import FileData
+from mifs.vfs.filesystem import FileSystem
+from mifs.vfs.namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_STORE = 3
+EXIT_KEY = 4
+EXIT_ARCHIVE = 5
+EXIT_MOUNTPOINT = 6
+EXIT_FUSE = 7
+EXIT_DAEMON = 8
+
+LOG_FILE = "mifs.log"
+DB_FILE = "meta.db"
+ARCHIVE_MARKER = "archive-id"
+
+
+# --- opening an archive (shared with the CLI) --------------------------------------------------
+
+
+@dataclass
+class OpenedArchive:
+    location: StoreLocation
+    store: ObjectStore
+    descriptor: Descriptor
+    kek: MasterKey | None
+    key_file: Path | None
+
+
+def default_key_file(archive_id_hex: str) -> Path:
+    if os.geteuid() == 0:
+        return Path("/etc/mifs/keys") / f"{archive_id_hex}.key"
+    return Path.home() / ".config/mifs/keys" / f"{archive_id_hex}.key"
+
+
+def default_cache_dir(archive_id_hex: str) -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/mifs") / archive_id_hex
+    return Path.home() / ".cache/mifs" / archive_id_hex
+
+
+def translate(exc: Exception) -> UserError:
+    """Domain errors raised while opening an archive, as one-line CLI errors."""
+    if isinstance(exc, UserError):
+        return exc
+    table: list[tuple[type[Exception], int]] = [
+        (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (WrongKey, EXIT_KEY),
+        (KeyFileError, EXIT_KEY), (ArchiveCorrupt, EXIT_ARCHIVE), (DatabaseTooNew, EXIT_ARCHIVE),
+    ]
+    for cls, code in table:
+        if isinstance(exc, cls):
+            return UserError(str(exc), code)
+    return UserError(f"unexpected error: {exc.__class__.__name__}", EXIT_INTERNAL)
+
+
+async def open_archive(store_url: str, key_file: Path | None, *, need_key: bool = True) -> OpenedArchive:
+    location = parse_store_url(store_url)
+    try:
+        store = open_store(location)
+        descriptor, tag = await load_descriptor(store)
+        kek = None
+        if key_file is None:
+            candidate = default_key_file(descriptor.archive_id_hex)
+            if candidate.exists() or need_key:
+                key_file = candidate
+        if key_file is not None:
+            kek = load_key_file(key_file)
+            verify_descriptor(descriptor, tag, kek)
+    except (StoreNotFound, StoreUnavailable, WrongKey, KeyFileError, ArchiveCorrupt) as exc:
+        raise translate(exc) from None
+    return OpenedArchive(location, store, descriptor, kek, key_file)
+
+
+def open_cache_db(cache_dir: Path, archive: OpenedArchive) -> MetaDb:
+    """Open (or create) the encrypted metadata database of an archive in its cache dir."""
+    assert archive.kek is not None
+    marker = cache_dir / ARCHIVE_MARKER
+    archive_hex = archive.descriptor.archive_id_hex
+    if marker.exists():
+        if marker.read_text().strip() != archive_hex:
+            raise UserError(f"cache dir {cache_dir} belongs to another archive", EXIT_ARCHIVE)
+    else:
+        marker.write_text(archive_hex + "\n")
+    try:
+        return MetaDb(cache_dir / DB_FILE, archive.kek.derive(archive.descriptor.archive_id, "metadb"))
+    except (WrongKey, DatabaseTooNew) as exc:
+        raise translate(exc) from None
+
+
+# --- checks before mounting --------------------------------------------------------------------
+
+
+def check_fuse_available() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("/dev/fuse does not exist (load the fuse kernel module: modprobe fuse)", EXIT_FUSE)
+    if shutil.which("fusermount3") is None:
+        raise UserError("fusermount3 is not installed (apt-get install fuse3)", EXIT_FUSE)
+
+
+def check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"mountpoint {path} does not exist", EXIT_MOUNTPOINT)
+    if not path.is_dir():
+        raise UserError(f"mountpoint {path} is not a directory", EXIT_MOUNTPOINT)
+    if os.path.ismount(path):
+        raise UserError(f"mountpoint {path} is already a mount point", EXIT_MOUNTPOINT)
+    try:
+        if any(os.scandir(path)):
+            raise UserError(f"mountpoint {path} is not empty", EXIT_MOUNTPOINT)
+    except PermissionError:
+        raise UserError(f"mountpoint {path} is not accessible", EXIT_MOUNTPOINT) from None
+
+
+def prepare_cache_dir(path: Path) -> int:
+    """Create the cache dir (0700) and take its lock; returns the lock's fd (held for life)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot use cache dir {path}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"cache dir {path} is in use by another mifs daemon", EXIT_MOUNTPOINT) from None
+    return fd
+
+
+# --- logging and process ------------------------------------------------------------------------
+
+
+def setup_logging(log_file: Path | None, debug: bool) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=64 * 1024 * 1024, backupCount=3)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def tune_malloc() -> None:
+    """Keep chunk-sized buffers on the heap and reuse them (see FUSE-NOTES: fresh pages are slow)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def run_fusermount(mountpoint: Path, lazy: bool = False) -> str | None:
+    """Unmount through fusermount3; returns None on success or its complaint."""
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    text = proc.stderr.strip().splitlines()
+    if text and "busy" in text[-1].lower():
+        return f"mountpoint {mountpoint} is busy (a process still uses it)"
+    return text[-1] if text else f"fusermount3 exited with {proc.returncode}"
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """One mounted archive: every component, the pyfuse3 session and the shutdown sequence."""
+
+    def __init__(self, cfg: MountConfig, archive: OpenedArchive, cache_dir: Path) -> None:
+        import pyfuse3  # noqa: F401 - fail early if missing
+
+        assert archive.kek is not None
+        self.cfg = cfg
+        self.archive = archive
+        self.cache_dir = cache_dir
+        self.db = open_cache_db(cache_dir, archive)
+        desc = archive.descriptor
+        self.cache = ChunkCache(cache_dir, cfg.cache_size)
+        self.cache.scan_sync({key for key, _ in tables.pending_uploads(self.db)})
+        self.uploader = Uploader(archive.store, self.cache, self.db, cfg.upload_workers)
+        self.committer = Committer(self.db, self.cache, self.uploader)
+        self.data = DataPath(
+            kek=archive.kek, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
+            uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
+        )
+        self.files = FileData(self.db, self.data, self.committer, cfg.dirty_buffer_bytes)
+        self.ns = Namespace(self.db, self.files, self.data.new_file_key)
+        self.ns.ensure_root(os.getuid(), os.getgid())
+        purged = self.ns.purge_orphans()
+        if purged:
+            log.info("removed %d unlinked inodes left by the previous run", purged)
+        self.db.commit()
+        self.uploader.load_pending()
+        self.uploader.after_commit()
+        self.fs = FileSystem(self.db, self.ns, self.files, cache_dir, cfg.read_only)
+        self.finished = trio.Event()
+        self.started = time.time()
+        self._unmount_requested = False
+
+    def status(self) -> dict[str, Any]:
+        counts = tables.counts(self.db)
+        up = self.uploader.statistics()
+        cache = self.cache.statistics()
+        return {
+            "mounted": True,
+            "version": __version__,
+            "pid": os.getpid(),
+            "archive_id": self.archive.descriptor.archive_id_hex,
+            "store": str(self.archive.location),
+            "mountpoint": str(self.cfg.mountpoint),
+            "cache_dir": str(self.cache_dir),
+            "files": counts.files,
+            "directories": counts.directories,
+            "symlinks": counts.symlinks,
+            "bytes": counts.bytes,
+            "objects": counts.objects,
+            "stored_bytes": counts.stored_bytes,
+            "pending_uploads": up.pending_uploads,
+            "pending_bytes": up.pending_bytes,
+            "oldest_pending_seconds": round(up.oldest_pending_age, 1),
+            "uploaded_objects": up.uploaded_objects,
+            "deleted_objects": up.deleted_objects,
+            "store_reachable": up.store_reachable,
+            "last_error": up.last_error,
+            "cache_bytes": cache.bytes_used,
+            "cache_limit": cache.bytes_limit,
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "read_only": self.cfg.read_only,
+            "failsafe": self.fs.failsafe_reason,
+            "integrity_failures": self.data.integrity_failures,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            **self.files.statistics(),
+        }
+
+    async def request_unmount(self) -> str | None:
+        problem = await trio.to_thread.run_sync(run_fusermount, self.cfg.mountpoint)
+        if problem is None:
+            self._unmount_requested = True
+            log.info("unmount requested")
+        return problem
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received signal %d; unmounting", signum)
+                problem = await self.request_unmount()
+                if problem is not None:
+                    log.warning("clean unmount failed (%s); detaching lazily", problem)
+                    await trio.to_thread.run_sync(run_fusermount, self.cfg.mountpoint, True)
+
+    async def _probe_ready(self, ready: Callable[[], None]) -> None:
+        await trio.to_thread.run_sync(os.statvfs, self.cfg.mountpoint)
+        log.info("mounted archive %s at %s", self.archive.descriptor.archive_id_hex, self.cfg.mountpoint)
+        ready()
+
+    async def _shutdown(self) -> dict[str, Any]:
+        await self.fs.shutdown()
+        await self.committer.commit_now()
+        if self.cfg.wait_uploads_on_exit:
+            await self.uploader.wait_idle()
+            await self.committer.commit_now()
+            await self.uploader.wait_idle()
+            await self.committer.commit_now()
+        up = self.uploader.statistics()
+        return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        import pyfuse3
+
+        from mifs.fuse_ops import Operations
+
+        ops = Operations(self.fs, self.cfg.attr_timeout)
+        options = {"fsname=mifs", "subtype=mifs", "default_permissions"}
+        options.update(o for o in self.cfg.fuse_options if o != "rw")
+        control = ControlServer(socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished)
+        try:
+            pyfuse3.init(ops, str(self.cfg.mountpoint), options)
+        except RuntimeError as exc:
+            raise UserError(f"cannot mount at {self.cfg.mountpoint}: {exc}", EXIT_MOUNTPOINT) from None
+        mounted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.uploader.run)
+                await nursery.start(self.committer.run)
+                await nursery.start(self.data.run)
+                await nursery.start(self.files.run)
+                await nursery.start(control.run)
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._probe_ready, ready)
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                mounted = False
+                log.info("kernel session ended; flushing")
+                control.final_result = await self._shutdown()
+                self.finished.set()
+                with trio.move_on_after(5):
+                    await trio.sleep(0.2)  # let the umount requester read its reply
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=mounted)
+            self.db.close()
+            log.info("archive %s closed", self.archive.descriptor.archive_id_hex)
+
+
+def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
+    """Open everything and serve until unmounted (runs in the daemon process)."""
+
+    async def main() -> None:
+        archive = await open_archive(cfg.store_url, cfg.key_file)
+        cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
+        lock_fd = prepare_cache_dir(cache_dir)
+        try:
+            if not cfg.foreground or cfg.log_file is not None:
+                setup_logging(cfg.log_file or cache_dir / LOG_FILE, cfg.debug)
+            daemon = Daemon(cfg, archive, cache_dir)
+            await daemon.serve(ready)
+        finally:
+            os.close(lock_fd)
+
+    trio.run(main)
+
+
+def mount(cfg: MountConfig) -> None:
+    """`mifs mount`: validate in this process, then serve in the foreground or in a daemon
+    that reports back through a pipe once the mount is live."""
+    check_fuse_available()
+    check_mountpoint(cfg.mountpoint)
+    archive = trio.run(open_archive, cfg.store_url, cfg.key_file)
+    cfg.key_file = archive.key_file
+    cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
+    os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it
+    cfg.cache_dir = cache_dir
+    tune_malloc()
+    if cfg.foreground:
+        setup_logging(cfg.log_file, cfg.debug)
+        run_daemon(cfg, lambda: None)
+        return
+    _daemonize(cfg)
+
+
+def _daemonize(cfg: MountConfig) -> None:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: detach, then fork the daemon proper
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        _daemon_main(cfg, write_fd)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace").strip()
+    if message == "OK":
+        return
+    if message.startswith("ERR "):
+        code, _, text = message[4:].partition(" ")
+        raise UserError(text, int(code))
+    log_path = (cfg.cache_dir or Path(".")) / LOG_FILE
+    raise UserError(f"the mount daemon exited during startup; see {log_path}", EXIT_DAEMON)
+
+
+def _daemon_main(cfg: MountConfig, write_fd: int) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.chdir("/")
+
+    def ready() -> None:
+        nonlocal write_fd
+        if write_fd >= 0:
+            os.write(write_fd, b"OK\n")
+            os.close(write_fd)
+            write_fd = -1
+
+    code = 0
+    try:
+        run_daemon(cfg, ready)
+    except UserError as exc:
+        code = exc.exit_code
+        if write_fd >= 0:
+            os.write(write_fd, f"ERR {exc.exit_code} {exc}\n".encode())
+        log.error("%s", exc)
+    except BaseException:
+        code = EXIT_INTERNAL
+        log.exception("mount daemon failed")
+        if write_fd >= 0:
+            os.write(write_fd, f"ERR {EXIT_DAEMON} the mount daemon failed during startup; see {(cfg.cache_dir or Path('.')) / LOG_FILE}\n".encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+

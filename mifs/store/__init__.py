@@ -1,0 +1,1 @@
+"""Object stores: where sealed objects live. Backends never see plaintext, keys, inodes or names."""

@@ -1,0 +1,59 @@
+"""The object-store interface every backend implements, and object-key validation.
+
+Must not see plaintext, keys, inode numbers, file names or study ids: it moves opaque bytes
+under opaque names. Retries live in a wrapper, not in backends.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from mifs.types import ObjectKey
+
+_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+
+DESCRIPTOR_KEY = ObjectKey("mifs-archive.json")
+"""The one fixed object name: the archive descriptor."""
+
+
+def check_key(key: str) -> ObjectKey:
+    """Reject keys that could escape a directory or carry anything but our own id alphabet."""
+    if len(key) > 512 or not _KEY_RE.match(key) or ".." in key:
+        raise ValueError("invalid object key")
+    return ObjectKey(key)
+
+
+class ObjectStore(Protocol):
+    """An async key-value store of immutable objects."""
+
+    @property
+    def description(self) -> str:
+        """Where the store is, for messages (no secrets)."""
+        ...
+
+    async def put(self, key: ObjectKey, data: bytes) -> None:
+        """Store an object durably, replacing any object of the same key."""
+        ...
+
+    async def put_if_absent(self, key: ObjectKey, data: bytes) -> bool:
+        """Store an object unless the key exists; False if it did."""
+        ...
+
+    async def get(self, key: ObjectKey) -> bytes:
+        """The object's bytes; ObjectNotFound if there is none."""
+        ...
+
+    async def delete(self, key: ObjectKey) -> None:
+        """Remove an object; deleting a missing object is not an error."""
+        ...
+
+    async def exists(self, key: ObjectKey) -> bool:
+        ...
+
+    async def list(self, prefix: str) -> list[ObjectKey]:
+        """Every key starting with prefix, in no particular order."""
+        ...
+
+    async def aclose(self) -> None:
+        ...

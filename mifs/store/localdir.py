@@ -1,0 +1,152 @@
+"""The embedded object store: one file per object under a local directory.
+
+Must not see plaintext or names; it only maps object keys to files. Every put is atomic and
+durable (temp file, fsync, rename, fsync of the directory), so a crash leaves either the old
+object or the new one. Blocking file calls run in worker threads under one limiter.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+
+import trio
+
+from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
+from mifs.store.base import check_key
+from mifs.types import ObjectKey
+
+TMP_DIR = ".tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDirStore:
+    """Objects as files: key ``data/ab/abcd...`` is the file ``ROOT/data/ab/abcd...``."""
+
+    def __init__(self, root: Path, *, create: bool = False, max_threads: int = 8) -> None:
+        self.root = root
+        if create:
+            try:
+                root.mkdir(mode=0o700, exist_ok=True)
+            except FileNotFoundError:
+                raise StoreNotFound(f"parent directory of {root} does not exist") from None
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create store directory {root}: {exc.strerror}") from None
+        if not root.is_dir():
+            raise StoreNotFound(f"store directory {root} does not exist")
+        self._limiter = trio.CapacityLimiter(max_threads)
+        self._made_dirs: set[Path] = set()
+
+    @property
+    def description(self) -> str:
+        return f"local directory {self.root}"
+
+    def _path(self, key: ObjectKey) -> Path:
+        return self.root / check_key(key)
+
+    def _write_tmp(self, data: bytes) -> Path:
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = tmp_dir / secrets.token_hex(16)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def _ensure_parent(self, path: Path) -> None:
+        parent = path.parent
+        if parent in self._made_dirs:
+            return
+        if not parent.is_dir():
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _fsync_dir(parent.parent)
+        self._made_dirs.add(parent)
+
+    def _put_sync(self, key: ObjectKey, data: bytes, replace: bool) -> bool:
+        path = self._path(key)
+        try:
+            self._ensure_parent(path)
+            tmp = self._write_tmp(data)
+            try:
+                if replace:
+                    os.rename(tmp, path)
+                else:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+            finally:
+                if not replace:
+                    os.unlink(tmp)
+            _fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreUnavailable(f"store {self.root} is full") from None
+            raise StoreUnavailable(f"cannot write to store {self.root}: {exc.strerror}") from None
+
+    async def put(self, key: ObjectKey, data: bytes) -> None:
+        await trio.to_thread.run_sync(self._put_sync, key, data, True, limiter=self._limiter)
+
+    async def put_if_absent(self, key: ObjectKey, data: bytes) -> bool:
+        return await trio.to_thread.run_sync(self._put_sync, key, data, False, limiter=self._limiter)
+
+    def _get_sync(self, key: ObjectKey) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} is not in the store") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read object {key}: {exc.strerror}") from None
+
+    async def get(self, key: ObjectKey) -> bytes:
+        return await trio.to_thread.run_sync(self._get_sync, key, limiter=self._limiter)
+
+    def _delete_sync(self, key: ObjectKey) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot delete object {key}: {exc.strerror}") from None
+
+    async def delete(self, key: ObjectKey) -> None:
+        await trio.to_thread.run_sync(self._delete_sync, key, limiter=self._limiter)
+
+    async def exists(self, key: ObjectKey) -> bool:
+        return await trio.to_thread.run_sync(self._path(key).is_file, limiter=self._limiter)
+
+    def _list_sync(self, prefix: str) -> list[ObjectKey]:
+        keys: list[ObjectKey] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            if rel == TMP_DIR or rel.startswith(TMP_DIR + os.sep):
+                dirnames[:] = []
+                continue
+            for name in filenames:
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(ObjectKey(key))
+        return keys
+
+    async def list(self, prefix: str) -> list[ObjectKey]:
+        return await trio.to_thread.run_sync(self._list_sync, prefix, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        return None

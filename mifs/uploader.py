@@ -1,0 +1,188 @@
+"""The write-back upload queue: moves staged chunks from the local cache into the store, and
+deletes objects that no committed metadata refers to any more.
+
+Must not see plaintext or keys. The durable state of the queue is the metadata database
+(chunks with state 0, the garbage table), so a restart resumes where a crash stopped; the
+in-memory deque is only the work list. Transient store errors are retried here with
+exponential backoff and jitter; nothing is ever dropped.
+
+Concurrency: everything runs on the trio thread except cache file I/O (worker threads). A key
+is in `_in_flight` from the moment a worker takes it until its upload is recorded, and the
+garbage collector never deletes a key in flight, so a deleted object is never resurrected.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import trio
+
+from mifs.cache import ChunkCache
+from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.metadb import tables
+from mifs.metadb.db import MetaDb
+from mifs.store.base import ObjectStore
+from mifs.types import ObjectKey
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class UploaderStatistics:
+    pending_uploads: int
+    pending_bytes: int
+    oldest_pending_age: float
+    uploaded_objects: int
+    uploaded_bytes: int
+    deleted_objects: int
+    last_error: str
+    store_reachable: bool
+
+
+class Uploader:
+    def __init__(self, store: ObjectStore, cache: ChunkCache, db: MetaDb, workers: int = 4) -> None:
+        self._store = store
+        self._cache = cache
+        self._db = db
+        self._workers = workers
+        self._queue: collections.deque[ObjectKey] = collections.deque()
+        self._queued: dict[ObjectKey, tuple[int, float]] = {}  # key -> (size, enqueue time)
+        self._in_flight: set[ObjectKey] = set()
+        self._awaiting_commit: list[ObjectKey] = []
+        self._wakeup = trio.Event()
+        self._gc_wakeup = trio.Event()
+        self._gc_ready: set[ObjectKey] = set()
+        self._uploaded_objects = 0
+        self._uploaded_bytes = 0
+        self._deleted_objects = 0
+        self._last_error = ""
+        self._reachable = True
+
+    # --- feeding ----------------------------------------------------------------------------
+
+    def enqueue(self, key: ObjectKey, size: int) -> None:
+        """Schedule a staged chunk for upload (its row may not be committed yet)."""
+        if key in self._queued or key in self._in_flight:
+            return
+        self._queued[key] = (size, time.monotonic())
+        self._queue.append(key)
+        self._wakeup.set()
+
+    def load_pending(self) -> None:
+        """At mount: queue every chunk the database says is not yet in the store."""
+        for key, size in tables.pending_uploads(self._db):
+            self.enqueue(key, size)
+
+    def after_commit(self) -> None:
+        """Called right after a metadata commit: uploads recorded in it may now be evicted, and
+        garbage it recorded may now be deleted."""
+        done, self._awaiting_commit = self._awaiting_commit, []
+        for key in done:
+            self._cache.mark_clean_sync(key)
+        # No checkpoint since the commit: every garbage row visible now is committed.
+        self._gc_ready.update(tables.garbage_keys(self._db))
+        if self._gc_ready:
+            self._gc_wakeup.set()
+
+    # --- waiting ----------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return bool(self._queued or self._in_flight or self._gc_ready)
+
+    async def wait_idle(self) -> None:
+        """Return once every queued upload is in the store (or raise Cancelled)."""
+        while self.busy():
+            await trio.sleep(0.02)
+
+    def statistics(self) -> UploaderStatistics:
+        now = time.monotonic()
+        pending = dict(self._queued)
+        oldest = min((t for _, t in pending.values()), default=now)
+        return UploaderStatistics(
+            pending_uploads=len(pending) + len(self._in_flight),
+            pending_bytes=sum(size for size, _ in pending.values()),
+            oldest_pending_age=now - oldest,
+            uploaded_objects=self._uploaded_objects,
+            uploaded_bytes=self._uploaded_bytes,
+            deleted_objects=self._deleted_objects,
+            last_error=self._last_error,
+            store_reachable=self._reachable,
+        )
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._workers):
+                nursery.start_soon(self._worker)
+            nursery.start_soon(self._collect_garbage)
+            task_status.started()
+
+    async def _next_key(self) -> ObjectKey:
+        while not self._queue:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        key = self._queue.popleft()
+        self._in_flight.add(key)
+        return key
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._next_key()
+            try:
+                size, _ = self._queued.pop(key, (0, 0.0))
+                blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+                if blob is not None:
+                    await self._with_retry("upload", key, self._store.put, key, blob)
+                    if tables.chunk_state(self._db, key) == tables.STATE_STAGED:
+                        tables.mark_stored(self._db, key)
+                    self._awaiting_commit.append(key)
+                    self._uploaded_objects += 1
+                    self._uploaded_bytes += len(blob)
+                elif tables.chunk_state(self._db, key) == tables.STATE_STAGED:
+                    # Staged, committed, but its local copy is gone: it can only be lost data.
+                    log.error("staged chunk %s has no local copy; it cannot be uploaded", key)
+                    self._last_error = f"staged chunk {key} is missing from the cache"
+            finally:
+                self._in_flight.discard(key)
+
+    async def _with_retry(self, what: str, key: ObjectKey, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        delay = 0.2
+        while True:
+            try:
+                await fn(*args)
+                if not self._reachable:
+                    log.info("store reachable again")
+                self._reachable = True
+                return
+            except (StoreUnavailable, StorePermissionDenied) as exc:
+                self._reachable = False
+                self._last_error = f"{what} of {key}: {exc}"
+                log.warning("%s of object %s failed, retrying in %.1fs: %s", what, key, delay, exc)
+            await trio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _collect_garbage(self) -> None:
+        while True:
+            await self._gc_wakeup.wait()
+            self._gc_wakeup = trio.Event()
+            batch, self._gc_ready = self._gc_ready, set()
+            for key in batch:
+                if key in self._in_flight:
+                    self._gc_ready.add(key)  # come back once its upload is recorded
+                    self._gc_wakeup.set()
+                    continue
+                if key in self._queued:
+                    del self._queued[key]
+                    self._queue.remove(key)
+                await self._with_retry("delete", key, self._store.delete, key)
+                await trio.to_thread.run_sync(self._cache.discard_sync, key)
+                tables.forget_garbage(self._db, key)
+                self._deleted_objects += 1
+            await trio.sleep(0.05)

@@ -1,0 +1,337 @@
+"""File contents: the open-file table, per-inode dirty chunks, read, write, truncate, flush.
+
+Must not touch directory entries (namespace.py) nor pyfuse3. Writes land in chunk-sized
+buffers; a buffer is sealed as soon as it is fully written, and partial ones at flush, fsync,
+release or under memory pressure. flush/fsync return only once every sealed chunk is staged
+durably and the metadata is committed: that is mifs's durability promise.
+
+Concurrency (all on the trio thread): with the kernel writeback cache, writes to one file
+arrive concurrently and out of order. A chunk is either dirty (in `dirty`, accepting
+writes), sealing (in `sealing`, read-only, being encrypted and staged), or clean (only in the
+store/cache). Writes to a sealing chunk wait for the seal to finish, so a new buffer never
+starts from a stale base. Code between checks of these maps and their use does not checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from mifs.chunking import chunk_count, chunk_plain_len, spans
+from mifs.chunks import DataPath, FileKey
+from mifs.commits import Committer
+from mifs.errors import BadFileHandle, FsError, NotFound
+from mifs.metadb import tables
+from mifs.metadb.db import MetaDb
+from mifs.types import InodeId
+from mifs.vfs.buffers import BufferPool, DirtyChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sealing:
+    done: trio.Event
+    chunk: DirtyChunk
+
+
+@dataclass
+class OpenInode:
+    """State of a file with open handles (or a truncate in progress)."""
+
+    key: FileKey
+    size: int
+    handles: int = 0
+    dirty: dict[int, DirtyChunk] = field(default_factory=dict)
+    sealing: dict[int, Sealing] = field(default_factory=dict)
+    error: FsError | None = None
+    attrs_dirty: bool = False
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Handle:
+    inode: InodeId
+    writable: bool
+
+
+class FileData:
+    def __init__(self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int) -> None:
+        self._db = db
+        self._data = data
+        self._committer = committer
+        self.chunk_size = data.chunk_size
+        self.pool = BufferPool(self.chunk_size, max_dirty_bytes // self.chunk_size, self._relieve_pressure)
+        self.open: dict[InodeId, OpenInode] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None
+        self._pressure = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Owns background seals and the memory-pressure sealer."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._pressure_sealer)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- handles ------------------------------------------------------------------------------
+
+    def attach(self, row: tables.InodeRow, writable: bool) -> int:
+        """Open a handle on a regular file; returns the handle number."""
+        oi = self.open.get(row.id)
+        if oi is None:
+            assert row.file_id is not None and row.wrapped_dek is not None
+            oi = OpenInode(self._data.file_key(row.id, row.file_id, row.wrapped_dek), row.size)
+            self.open[row.id] = oi
+        oi.handles += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(row.id, writable)
+        return fh
+
+    def handle(self, fh: int) -> tuple[Handle, OpenInode]:
+        h = self._handles.get(fh)
+        if h is None:
+            raise BadFileHandle(f"unknown file handle {fh}")
+        return h, self.open[h.inode]
+
+    async def release(self, fh: int) -> InodeId:
+        """Close a handle; the last one flushes what is left and drops the inode's state."""
+        h, oi = self.handle(fh)
+        del self._handles[fh]
+        oi.handles -= 1
+        if oi.handles == 0:
+            try:
+                await self._flush_inode(h.inode, oi)
+            finally:
+                if oi.handles == 0 and not oi.dirty and not oi.sealing:
+                    self.open.pop(h.inode, None)
+                    self._data.forget_file(h.inode)
+        return h.inode
+
+    def size_of(self, inode: InodeId) -> int | None:
+        oi = self.open.get(inode)
+        return oi.size if oi is not None else None
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        _, oi = self.handle(fh)
+        end = min(offset + length, oi.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        for span in spans(offset, end - offset, self.chunk_size):
+            parts.append(await self._read_span(oi, span.index, span.start, span.end))
+        return b"".join(parts)
+
+    async def _read_span(self, oi: OpenInode, idx: int, start: int, end: int) -> bytes:
+        while True:
+            dc = oi.dirty.get(idx)
+            if dc is not None:
+                if dc.covers(start, end):
+                    return bytes(dc.buf[start:end])
+                await self._fill(oi, idx, dc)
+                continue
+            sealing = oi.sealing.get(idx)
+            if sealing is not None:
+                return bytes(sealing.chunk.buf[start:end])
+            plain = await self._data.read_chunk(oi.key, idx)
+            piece = plain[start:end] if plain is not None else b""
+            if len(piece) < end - start:
+                piece += bytes(end - start - len(piece))
+            return piece
+
+    async def _fill(self, oi: OpenInode, idx: int, dc: DirtyChunk) -> None:
+        """Merge the stored bytes of chunk idx into the parts of dc not written yet."""
+        base = await self._data.read_chunk(oi.key, idx, readahead=False)
+        if oi.dirty.get(idx) is dc:
+            dc.fill_uncovered(base, self.pool.zeros)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        h, oi = self.handle(fh)
+        if oi.error is not None:
+            err, oi.error = oi.error, None
+            raise err
+        view = memoryview(data)
+        for span in spans(offset, len(data), self.chunk_size):
+            dc = await self._dirty_chunk(oi, span.index)
+            dc.write(span.start, view[span.buf_offset : span.buf_offset + span.length])
+            if dc.is_full(self.chunk_size):
+                self._seal_soon(h.inode, oi, span.index)
+        oi.size = max(oi.size, offset + len(data))
+        oi.mtime_ns = time.time_ns()
+        oi.attrs_dirty = True
+        return len(data)
+
+    async def _dirty_chunk(self, oi: OpenInode, idx: int) -> DirtyChunk:
+        buf: bytearray | None = None
+        while True:
+            sealing = oi.sealing.get(idx)
+            if sealing is not None:
+                await sealing.done.wait()
+                continue
+            dc = oi.dirty.get(idx)
+            if dc is not None:
+                break
+            if buf is None:
+                buf = await self.pool.acquire()
+                continue
+            dc = oi.dirty[idx] = DirtyChunk(buf)
+            buf = None
+            break
+        if buf is not None:
+            self.pool.release(buf)
+        return dc
+
+    def _seal_soon(self, inode: InodeId, oi: OpenInode, idx: int) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._seal_background, inode, oi, idx)
+
+    async def _seal_background(self, inode: InodeId, oi: OpenInode, idx: int) -> None:
+        try:
+            await self._seal(oi, idx)
+        except FsError as exc:
+            log.error("sealing chunk %d of inode %d failed: %s", idx, inode, exc)
+            oi.error = exc
+
+    async def _seal(self, oi: OpenInode, idx: int) -> None:
+        """Encrypt and stage dirty chunk idx. On failure the chunk stays dirty and the error is raised."""
+        dc = oi.dirty.get(idx)
+        if dc is None:
+            return
+        if not dc.is_full(self.chunk_size):
+            await self._fill(oi, idx, dc)
+            if oi.dirty.get(idx) is not dc:
+                return  # sealed or truncated away meanwhile
+        del oi.dirty[idx]
+        sealing = oi.sealing[idx] = Sealing(trio.Event(), dc)
+        keep_buffer = False
+        try:
+            plain_len = chunk_plain_len(oi.size, idx, self.chunk_size)
+            if plain_len > 0:
+                await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
+        except BaseException:
+            oi.dirty[idx] = dc  # keep the data; a later flush retries
+            keep_buffer = True
+            raise
+        finally:
+            del oi.sealing[idx]
+            sealing.done.set()
+            if not keep_buffer:
+                self.pool.release(dc.buf)
+
+    def _relieve_pressure(self) -> None:
+        self._pressure.set()
+
+    async def _pressure_sealer(self) -> None:
+        """When the buffer pool runs dry, seal the least recently written dirty chunks."""
+        while True:
+            await self._pressure.wait()
+            self._pressure = trio.Event()
+            victims = sorted(
+                ((dc.touched, inode, idx) for inode, oi in self.open.items() for idx, dc in oi.dirty.items()),
+            )[: max(1, self.pool.max_buffers // 4)]
+            for _, inode, idx in victims:
+                oi = self.open.get(inode)
+                if oi is not None and idx in oi.dirty:
+                    self._seal_soon(inode, oi, idx)
+            await trio.sleep(0)
+
+    # --- flushing -----------------------------------------------------------------------------
+
+    async def _seal_all(self, oi: OpenInode) -> None:
+        while oi.dirty or oi.sealing:
+            async with trio.open_nursery() as nursery:
+                for idx in list(oi.dirty):
+                    nursery.start_soon(self._seal, oi, idx)
+                for sealing in list(oi.sealing.values()):
+                    nursery.start_soon(sealing.done.wait)
+
+    def _save_attrs(self, inode: InodeId, oi: OpenInode) -> None:
+        if not oi.attrs_dirty:
+            return
+        row = tables.get_inode(self._db, inode)
+        if row is not None:
+            row.size = oi.size
+            if oi.mtime_ns is not None:
+                row.mtime_ns = row.ctime_ns = max(oi.mtime_ns, row.mtime_ns)
+            tables.save_inode_attrs(self._db, row)
+        oi.attrs_dirty = False
+
+    async def _flush_inode(self, inode: InodeId, oi: OpenInode) -> None:
+        try:
+            await self._seal_all(oi)
+        except BaseExceptionGroup as group:  # noqa: F821 - builtin in 3.11
+            fs_errors = [e for e in group.exceptions if isinstance(e, FsError)]
+            if fs_errors and len(fs_errors) == len(group.exceptions):
+                raise fs_errors[0] from None
+            raise
+        if oi.error is not None:
+            err, oi.error = oi.error, None
+            raise err
+        self._save_attrs(inode, oi)
+        await self._committer.commit_now()
+
+    async def flush(self, fh: int) -> None:
+        h, oi = self.handle(fh)
+        await self._flush_inode(h.inode, oi)
+
+    async def commit(self) -> None:
+        """Make every metadata change so far durable (fsyncdir, sync)."""
+        await self._committer.commit_now()
+
+    async def flush_all(self) -> None:
+        """Seal and commit every open file (unmount, shutdown)."""
+        for inode, oi in list(self.open.items()):
+            await self._flush_inode(inode, oi)
+
+    # --- size changes -------------------------------------------------------------------------
+
+    async def truncate(self, row: tables.InodeRow, new_size: int) -> None:
+        """Set a file's size; shrinking zeroes and re-seals the last partial chunk. Durable on return."""
+        inode = row.id
+        oi = self.open.get(inode)
+        temporary = oi is None
+        if oi is None:
+            if row.file_id is None or row.wrapped_dek is None:
+                raise NotFound("inode has no content")
+            oi = OpenInode(self._data.file_key(inode, row.file_id, row.wrapped_dek), row.size)
+            self.open[inode] = oi
+        oi.handles += 1  # keep the state alive while we await
+        try:
+            while oi.sealing:
+                await next(iter(oi.sealing.values())).done.wait()
+            if new_size < oi.size:
+                first_gone = chunk_count(new_size, self.chunk_size)
+                for idx in [i for i in oi.dirty if i >= first_gone]:
+                    self.pool.release(oi.dirty.pop(idx).buf)
+                tables.drop_chunks_from(self._db, inode, first_gone)
+                tail = new_size % self.chunk_size
+                last = new_size // self.chunk_size
+                if tail and (last in oi.dirty or tables.get_chunk(self._db, inode, last) is not None):
+                    dc = await self._dirty_chunk(oi, last)
+                    dc.write(tail, self.pool.zeros[: self.chunk_size - tail])
+            oi.size = new_size
+            oi.mtime_ns = time.time_ns()
+            oi.attrs_dirty = True
+            await self._flush_inode(inode, oi)
+        finally:
+            oi.handles -= 1
+            if temporary and oi.handles == 0 and not oi.dirty and not oi.sealing:
+                self.open.pop(inode, None)
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "open_files": len(self.open),
+            "open_handles": len(self._handles),
+            "dirty_chunks": sum(len(oi.dirty) for oi in self.open.values()),
+            "dirty_buffers_in_use": self.pool.in_use,
+        }
