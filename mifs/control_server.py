@@ -18,7 +18,7 @@ from mifs.control_protocol import decode, encode
 log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict[str, Any]]
-UnmountFn = Callable[[], Awaitable[str | None]]
+UnmountFn = Callable[[bool], Awaitable[str | None]]
 
 
 class ControlServer:
@@ -28,6 +28,8 @@ class ControlServer:
         self._unmount = unmount
         self._finished = finished
         self.final_result: dict[str, Any] = {}
+        self._umount_requests = 0
+        self._replied = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -73,8 +75,22 @@ class ControlServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as exc:
                 log.debug("control connection ended: %s", exc)
 
+    async def wait_replied(self) -> None:
+        """Return once every umount requester has had its final answer (call after `finished`)."""
+        while self._umount_requests:
+            await self._replied.wait()
+            self._replied = trio.Event()
+
     async def _handle_umount(self, stream: trio.SocketStream, wait: bool) -> None:
-        problem = await self._unmount()
+        self._umount_requests += 1
+        try:
+            await self._umount_and_report(stream, wait)
+        finally:
+            self._umount_requests -= 1
+            self._replied.set()
+
+    async def _umount_and_report(self, stream: trio.SocketStream, wait: bool) -> None:
+        problem = await self._unmount(wait)
         if problem is not None:
             await stream.send_all(encode({"ok": False, "error": problem}))
             return

@@ -288,7 +288,8 @@ class Daemon:
             **self.files.statistics(),
         }
 
-    async def request_unmount(self) -> str | None:
+    async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
+        self.cfg.wait_uploads_on_exit = wait_for_uploads
         problem = await trio.to_thread.run_sync(run_fusermount, self.cfg.mountpoint)
         if problem is None:
             self._unmount_requested = True
@@ -348,8 +349,8 @@ class Daemon:
                 log.info("kernel session ended; flushing")
                 control.final_result = await self._shutdown()
                 self.finished.set()
-                with trio.move_on_after(5):
-                    await trio.sleep(0.2)  # let the umount requester read its reply
+                with trio.move_on_after(10):
+                    await control.wait_replied()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=mounted)
