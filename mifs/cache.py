@@ -43,10 +43,13 @@ class CacheStatistics:
 
 
 class ChunkCache:
-    def __init__(self, root: Path, limit_bytes: int) -> None:
+    def __init__(self, root: Path, limit_bytes: int, *, keep_uploaded: bool = True) -> None:
+        """keep_uploaded=False: drop a chunk's copy as soon as it is in the store (for a store
+        on local disk, where a second copy only costs space)."""
         self.root = root / CHUNK_DIR
         self.tmp = root / _TMP_DIR
         self.limit = limit_bytes
+        self.keep_uploaded = keep_uploaded
         self._lock = threading.Lock()
         self._clean: OrderedDict[ObjectKey, int] = OrderedDict()
         self._dirty: dict[ObjectKey, int] = {}
@@ -131,6 +134,8 @@ class ChunkCache:
 
     def fill_sync(self, key: ObjectKey, blob: bytes) -> None:
         """Keep a copy of a chunk fetched from the store (not durable: the store has it)."""
+        if not self.keep_uploaded:
+            return
         self._write(key, blob, durable=False)
         with self._lock:
             self._add_clean(key, len(blob))
@@ -184,7 +189,8 @@ class ChunkCache:
     def evict_sync(self) -> None:
         while True:
             with self._lock:
-                if self._clean_bytes + self._dirty_bytes <= self.limit or not self._clean:
+                over = self._clean_bytes + self._dirty_bytes > self.limit or not self.keep_uploaded
+                if not over or not self._clean:
                     return
                 key, size = self._clean.popitem(last=False)
                 self._clean_bytes -= size

@@ -11,6 +11,7 @@ harmless and never uploaded); a cancelled read leaves nothing behind.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import trio
 from mifs.cache import ChunkCache
 from mifs.crypto import envelope
 from mifs.crypto.keyring import MasterKey
-from mifs.errors import DataUnavailable, IntegrityError, ObjectNotFound, StoreUnavailable
+from mifs.errors import DataUnavailable, IntegrityError, LocalIOError, NoSpace, ObjectNotFound, StoreUnavailable
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.store.base import ObjectStore
@@ -132,7 +133,13 @@ class DataPath:
 
     def _seal_and_stage(self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview) -> int:
         blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, data)
-        self._cache.stage_sync(key, blob)
+        try:
+            self._cache.stage_sync(key, blob)
+        except OSError as exc:
+            self._cache.discard_sync(key)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace("the cache disk is full") from None
+            raise LocalIOError(f"cannot stage a chunk in the cache: {exc.strerror}") from None
         return len(blob)
 
     async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> None:
@@ -199,9 +206,22 @@ class DataPath:
             raise IntegrityError("chunk length does not match the metadata")
         return payload
 
+    def _read_cached(self, key: ObjectKey) -> bytes | None:
+        try:
+            return self._cache.read_sync(key)
+        except OSError as exc:
+            log.warning("cannot read cached object %s: %s", key, exc.strerror)
+            return None
+
+    def _fill_cache(self, key: ObjectKey, blob: bytes) -> None:
+        try:
+            self._cache.fill_sync(key, blob)
+        except OSError as exc:
+            log.warning("cannot cache object %s: %s", key, exc.strerror)
+
     async def _fetch_and_open(self, fk: FileKey, row: tables.ChunkRow) -> bytes:
         key = row.object_key
-        blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+        blob = await trio.to_thread.run_sync(self._read_cached, key)
         if blob is not None:
             try:
                 return await trio.to_thread.run_sync(self._open, fk, row, blob, limiter=self._crypto)
@@ -217,7 +237,7 @@ class DataPath:
         except IntegrityError:
             self._integrity_failure(fk, row, "store")
             raise
-        await trio.to_thread.run_sync(self._cache.fill_sync, key, blob)
+        await trio.to_thread.run_sync(self._fill_cache, key, blob)
         return data
 
     async def _get_from_store(self, key: ObjectKey) -> bytes:

@@ -50,4 +50,10 @@ class Committer:
         while True:
             await trio.sleep(self._interval)
             if self._db.dirty:
-                await self.commit_now()
+                try:
+                    await self.commit_now()
+                except Exception:
+                    # Disk full or failing: keep the transaction open and try again; an
+                    # fsync/close that needs this commit reports the error to its caller.
+                    log.exception("background metadata commit failed; retrying")
+                    await trio.sleep(self._interval * 4)

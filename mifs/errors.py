@@ -130,3 +130,7 @@ class IntegrityError(FsError):
 
 class DataUnavailable(FsError):
     """EIO: the data could not be fetched within the configured time."""
+
+
+class LocalIOError(FsError):
+    """EIO: the local cache disk failed a read or write (other than running out of space)."""

@@ -230,7 +230,8 @@ class Daemon:
         self.cache_dir = cache_dir
         self.db = open_cache_db(cache_dir, archive)
         desc = archive.descriptor
-        self.cache = ChunkCache(cache_dir, cfg.cache_size)
+        # A local-directory store is as fast as the cache: keep no second copy of its chunks.
+        self.cache = ChunkCache(cache_dir, cfg.cache_size, keep_uploaded=archive.location.scheme != "file")
         self.cache.scan_sync({key for key, _ in tables.pending_uploads(self.db)})
         self.uploader = Uploader(archive.store, self.cache, self.db, cfg.upload_workers)
         self.committer = Committer(self.db, self.cache, self.uploader)

@@ -136,21 +136,31 @@ class Uploader:
         while True:
             key = await self._next_key()
             try:
-                size, _ = self._queued.pop(key, (0, 0.0))
-                blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
-                if blob is not None:
-                    await self._with_retry("upload", key, self._store.put, key, blob)
-                    if tables.chunk_state(self._db, key) == tables.STATE_STAGED:
-                        tables.mark_stored(self._db, key)
-                    self._awaiting_commit.append(key)
-                    self._uploaded_objects += 1
-                    self._uploaded_bytes += len(blob)
-                elif tables.chunk_state(self._db, key) == tables.STATE_STAGED:
-                    # Staged, committed, but its local copy is gone: it can only be lost data.
-                    log.error("staged chunk %s has no local copy; it cannot be uploaded", key)
-                    self._last_error = f"staged chunk {key} is missing from the cache"
+                await self._upload(key)
+            except Exception as exc:
+                # Never let one bad object stop the queue; try it again later.
+                log.exception("upload of object %s failed unexpectedly; retrying later", key)
+                self._last_error = f"upload of {key}: {exc.__class__.__name__}"
+                await trio.sleep(5)
+                self._in_flight.discard(key)
+                self.enqueue(key, 0)
             finally:
                 self._in_flight.discard(key)
+
+    async def _upload(self, key: ObjectKey) -> None:
+        self._queued.pop(key, None)
+        blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+        if blob is not None:
+            await self._with_retry("upload", key, self._store.put, key, blob)
+            if tables.chunk_state(self._db, key) == tables.STATE_STAGED:
+                tables.mark_stored(self._db, key)
+            self._awaiting_commit.append(key)
+            self._uploaded_objects += 1
+            self._uploaded_bytes += len(blob)
+        elif tables.chunk_state(self._db, key) == tables.STATE_STAGED:
+            # Staged, committed, but its local copy is gone: it can only be lost data.
+            log.error("staged chunk %s has no local copy; it cannot be uploaded", key)
+            self._last_error = f"staged chunk {key} is missing from the cache"
 
     async def _with_retry(self, what: str, key: ObjectKey, fn, *args) -> None:  # type: ignore[no-untyped-def]
         delay = 0.2

@@ -64,17 +64,28 @@ class LocalDirStore:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         return tmp
 
     def _ensure_parent(self, path: Path) -> None:
         parent = path.parent
         if parent in self._made_dirs:
             return
-        if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _fsync_dir(parent.parent)
+        missing = []
+        probe = parent
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for directory in reversed(missing):
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            _fsync_dir(directory.parent)
         self._made_dirs.add(parent)
 
     def _put_sync(self, key: ObjectKey, data: bytes, replace: bool) -> bool:
@@ -110,7 +121,7 @@ class LocalDirStore:
         try:
             with open(self._path(key), "rb") as fh:
                 return fh.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"object {key} is not in the store") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read object {key}: {exc.strerror}") from None
@@ -121,8 +132,8 @@ class LocalDirStore:
     def _delete_sync(self, key: ObjectKey) -> None:
         try:
             os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass  # no object of that name (a directory is a prefix, not an object)
         except OSError as exc:
             raise StoreUnavailable(f"cannot delete object {key}: {exc.strerror}") from None
 

@@ -38,6 +38,8 @@ def parse_store_url(url: str) -> StoreLocation:
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise UserError(f"file URLs must be file:///absolute/path, got host {parts.netloc!r}", EXIT_BAD_STORE_URL)
+        if not parts.path:
+            raise UserError("file URLs must name a directory: file:///absolute/path", EXIT_BAD_STORE_URL)
         return StoreLocation("file", path=Path(unquote(parts.path)).absolute())
     if parts.scheme == "s3":
         if not parts.netloc:

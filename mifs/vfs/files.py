@@ -23,7 +23,7 @@ import trio
 from mifs.chunking import chunk_count, chunk_plain_len, spans
 from mifs.chunks import DataPath, FileKey
 from mifs.commits import Committer
-from mifs.errors import BadFileHandle, FsError, NotFound
+from mifs.errors import BadFileHandle, FsError, LocalIOError, NotFound
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId
@@ -196,11 +196,15 @@ class FileData:
         self._nursery.start_soon(self._seal_background, inode, oi, idx)
 
     async def _seal_background(self, inode: InodeId, oi: OpenInode, idx: int) -> None:
+        """A seal nobody waits for: its failure is reported by the file's next write or flush."""
         try:
             await self._seal(oi, idx)
         except FsError as exc:
             log.error("sealing chunk %d of inode %d failed: %s", idx, inode, exc)
             oi.error = exc
+        except Exception:
+            log.exception("sealing chunk %d of inode %d failed unexpectedly", idx, inode)
+            oi.error = LocalIOError("sealing a chunk failed")
 
     async def _seal(self, oi: OpenInode, idx: int) -> None:
         """Encrypt and stage dirty chunk idx. On failure the chunk stays dirty and the error is raised."""
