@@ -38,6 +38,8 @@ def spans(offset: int, length: int, chunk_size: int) -> Iterator[ChunkSpan]:
 
 def chunk_count(size: int, chunk_size: int) -> int:
     """How many chunks hold `size` bytes (the last may be partial)."""
+    if size < 0 or chunk_size <= 0:
+        raise ValueError("negative size or non-positive chunk size")
     return -(-size // chunk_size)
 
 

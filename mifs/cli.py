@@ -144,11 +144,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cfg = MountConfig(
         store_url=args.store,
         mountpoint=args.mountpoint.absolute(),
-        key_file=args.key_file,
+        key_file=args.key_file.absolute() if args.key_file else None,
         cache_dir=args.cache_dir.absolute() if args.cache_dir else None,
         foreground=args.foreground,
         fuse_options=_fuse_options(args.options),
-        log_file=args.log_file,
+        log_file=args.log_file.absolute() if args.log_file else None,
         debug=args.debug,
     )
     if args.cache_size:

@@ -23,7 +23,7 @@ _UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
     "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
 def parse_size(text: str, what: str = "size") -> int:

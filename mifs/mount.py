@@ -383,6 +383,7 @@ def mount(cfg: MountConfig) -> None:
     check_fuse_available()
     check_mountpoint(cfg.mountpoint)
     archive = trio.run(open_archive, cfg.store_url, cfg.key_file)
+    cfg.store_url = str(archive.location)  # absolute: the daemon runs in /
     cfg.key_file = archive.key_file
     cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
     os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
+from mifs.errors import MifsError, ObjectNotFound, StoreNotFound
 from mifs.store.base import DESCRIPTOR_KEY, ObjectStore, check_key
 from mifs.store.localdir import TMP_DIR, LocalDirStore
 from mifs.types import ObjectKey
@@ -390,6 +390,29 @@ def test_localdir_root_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StoreNotFound):
         LocalDirStore(tmp_path / "file")
+
+
+async def test_localdir_put_colliding_with_tree_leaves_no_temp_file(local: LocalDirStore) -> None:
+    # S3 would accept both keys; a directory tree cannot. The put must fail cleanly.
+    await local.put(_key("data/ab/0001"), b"x")
+    with pytest.raises(MifsError):
+        await local.put(_key("data/ab"), b"y")
+    with pytest.raises(MifsError):
+        await local.put(_key("data/ab/0001/x"), b"y")
+    assert await local.get(_key("data/ab/0001")) == b"x"
+    assert await local.list("") == [_key("data/ab/0001")]
+    assert _tmp_leftovers(local.root) == []
+
+
+async def test_localdir_put_if_absent_false_only_if_object_exists(local: LocalDirStore) -> None:
+    await local.put(_key("data/ab/0001"), b"x")
+    assert await local.exists(_key("data/ab")) is False
+    try:
+        created = await local.put_if_absent(_key("data/ab"), b"y")
+    except MifsError:
+        return  # refusing the key outright is fine
+    assert created is True
+    assert await local.get(_key("data/ab")) == b"y"
 
 
 def test_localdir_create_existing_dir_keeps_contents(tmp_path: Path) -> None:

@@ -84,7 +84,14 @@ def unwrap_data_key(kek: MasterKey, archive_id: ArchiveId, file_id: FileId, blob
         raise IntegrityError("wrapped data key failed authentication") from None
 
 
+def _check_key(key: bytes) -> None:
+    if len(key) != KEY_LEN:
+        raise ValueError("keys must be 32 bytes (AES-256)")
+
+
 def chunk_aad(archive_id: ArchiveId, file_id: FileId, index: int, generation: int, header: bytes) -> bytes:
+    if not (0 <= index < 2**64 and 0 <= generation < 2**64):
+        raise ValueError("chunk index and generation must fit in 64 bits")
     return _CHUNK_AAD_LABEL + bytes(archive_id) + bytes(file_id) + struct.pack(">QQ", index, generation) + header[:6]
 
 
@@ -92,6 +99,7 @@ def seal_chunk(
     dek: bytes, archive_id: ArchiveId, file_id: FileId, index: int, generation: int, plaintext: bytes | bytearray | memoryview, flags: int = 0
 ) -> bytes:
     """Encrypt one chunk with a fresh random nonce; the result is the whole stored object."""
+    _check_key(dek)
     nonce = os.urandom(NONCE_LEN)
     header = CHUNK_MAGIC + bytes([CHUNK_VERSION, flags]) + nonce
     sealed = AESGCM(dek).encrypt(nonce, bytes(plaintext), chunk_aad(archive_id, file_id, index, generation, header))
@@ -121,12 +129,14 @@ def open_chunk(
 
 def seal_blob(key: bytes, kind: int, context: bytes, plaintext: bytes) -> bytes:
     """Seal a metadata blob (snapshot, journal segment) under a derived key."""
+    _check_key(key)
     nonce = os.urandom(NONCE_LEN)
     header = BLOB_MAGIC + bytes([1, kind]) + nonce
     return header + AESGCM(key).encrypt(nonce, plaintext, b"mifs/v1/blob" + header[:6] + context)
 
 
 def open_blob(key: bytes, kind: int, context: bytes, blob: bytes) -> bytes:
+    _check_key(key)
     if len(blob) < CHUNK_OVERHEAD or blob[:4] != BLOB_MAGIC or blob[4] != 1 or blob[5] != kind:
         raise IntegrityError("metadata blob has a bad header or is truncated")
     header = blob[:CHUNK_HEADER_LEN]

@@ -100,10 +100,11 @@ class LocalDirStore:
                     try:
                         os.link(tmp, path)
                     except FileExistsError:
-                        return False
+                        if path.is_file():
+                            return False
+                        raise IsADirectoryError(errno.EISDIR, "a directory has that name") from None
             finally:
-                if not replace:
-                    os.unlink(tmp)
+                tmp.unlink(missing_ok=True)
             _fsync_dir(path.parent)
             return True
         except OSError as exc:

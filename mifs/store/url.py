@@ -35,6 +35,8 @@ def parse_store_url(url: str) -> StoreLocation:
     if "://" not in url:
         return StoreLocation("file", path=Path(url).absolute())
     parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise UserError("store URLs take no ?query or #fragment", EXIT_BAD_STORE_URL)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise UserError(f"file URLs must be file:///absolute/path, got host {parts.netloc!r}", EXIT_BAD_STORE_URL)
