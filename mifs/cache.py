@@ -67,6 +67,12 @@ class ChunkCache:
         # Keys look like "data/ab/<32 hex>"; the cache keeps the part after "data/".
         return self.root / key.split("/", 1)[1]
 
+    def file_path(self, key: ObjectKey) -> Path | None:
+        """Where a cached chunk lives on disk (for stores that can adopt local files)."""
+        with self._lock:
+            known = key in self._clean or key in self._dirty
+        return self._path(key) if known else None
+
     def scan_sync(self, dirty_keys: set[ObjectKey]) -> None:
         """Rebuild the index from disk at mount; `dirty_keys` are the staged ones (from metadb)."""
         for entry in os.scandir(self.tmp):

@@ -147,16 +147,32 @@ class Uploader:
             finally:
                 self._in_flight.discard(key)
 
+    async def _adopt(self, key: ObjectKey) -> int | None:
+        """Hand the staged file itself to a store on the same disk; its size, or None."""
+        adopt = getattr(self._store, "adopt_file", None)
+        path = self._cache.file_path(key)
+        if adopt is None or path is None:
+            return None
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        return size if await adopt(key, path) else None
+
     async def _upload(self, key: ObjectKey) -> None:
         self._queued.pop(key, None)
-        blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
-        if blob is not None:
-            await self._with_retry("upload", key, self._store.put, key, blob)
+        size = await self._adopt(key)
+        if size is None:
+            blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+            if blob is not None:
+                await self._with_retry("upload", key, self._store.put, key, blob)
+                size = len(blob)
+        if size is not None:
             if tables.chunk_state(self._db, key) == tables.STATE_STAGED:
                 tables.mark_stored(self._db, key)
             self._awaiting_commit.append(key)
             self._uploaded_objects += 1
-            self._uploaded_bytes += len(blob)
+            self._uploaded_bytes += size
         elif tables.chunk_state(self._db, key) == tables.STATE_STAGED:
             # Staged, committed, but its local copy is gone: it can only be lost data.
             log.error("staged chunk %s has no local copy; it cannot be uploaded", key)

@@ -118,6 +118,33 @@ class LocalDirStore:
     async def put_if_absent(self, key: ObjectKey, data: bytes) -> bool:
         return await trio.to_thread.run_sync(self._put_sync, key, data, False, limiter=self._limiter)
 
+    def _adopt_sync(self, key: ObjectKey, source: Path) -> bool:
+        path = self._path(key)
+        tmp = self.root / TMP_DIR / secrets.token_hex(16)
+        try:
+            self._ensure_parent(path)
+            (self.root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
+                return False  # other filesystem, or no hard links here: caller copies
+            raise StoreUnavailable(f"cannot write to store {self.root}: {exc.strerror}") from None
+        try:
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write to store {self.root}: {exc.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    async def adopt_file(self, key: ObjectKey, source: Path) -> bool:
+        """Store an already durable local file as object `key` by hard-linking it (no copy).
+
+        False if the file cannot be linked (another filesystem); the caller then uses put().
+        """
+        return await trio.to_thread.run_sync(self._adopt_sync, key, source, limiter=self._limiter)
+
     def _get_sync(self, key: ObjectKey) -> bytes:
         try:
             with open(self._path(key), "rb") as fh:
