@@ -41,6 +41,7 @@ from mifs.errors import (
 )
 from mifs.metadb import tables
 from mifs.metadb.db import DatabaseTooNew, MetaDb
+from mifs.metasync import MetadataReplicator, restore, store_has_metadata
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreLocation, open_store, parse_store_url
 from mifs.uploader import Uploader
@@ -134,6 +135,23 @@ def open_cache_db(cache_dir: Path, archive: OpenedArchive) -> MetaDb:
         return MetaDb(cache_dir / DB_FILE, archive.kek.derive(archive.descriptor.archive_id, "metadb"))
     except (WrongKey, DatabaseTooNew) as exc:
         raise translate(exc) from None
+
+
+async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
+    """A cache dir without metadata on an archive whose store has some: rebuild it from the
+    store (new host, lost or wiped cache disk)."""
+    if (cache_dir / DB_FILE).exists() or not await store_has_metadata(archive.store):
+        return
+    assert archive.kek is not None
+    desc = archive.descriptor
+    marker = cache_dir / ARCHIVE_MARKER
+    if not marker.exists():
+        marker.write_text(desc.archive_id_hex + "\n")
+    snap, seq = await restore(
+        archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), cache_dir / DB_FILE,
+        archive.kek.derive(desc.archive_id, "metadb"),
+    )
+    log.info("rebuilt the metadata from the store: snapshot %d, journal up to commit %d", snap, seq)
 
 
 # --- checks before mounting --------------------------------------------------------------------
@@ -249,6 +267,9 @@ class Daemon:
         self.uploader.load_pending()
         self.uploader.after_commit()
         self.fs = FileSystem(self.db, self.ns, self.files, cache_dir, cfg.read_only)
+        self.replicator = MetadataReplicator(
+            self.db, archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), self.cache.tmp
+        )
         self.finished = trio.Event()
         self.started = time.time()
         self._unmount_requested = False
@@ -285,6 +306,8 @@ class Daemon:
             "read_only": self.cfg.read_only,
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
+            "metadata_shipped_seq": self.replicator.shipped_seq,
+            "metadata_commit_seq": self.db.commit_seq,
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.files.statistics(),
         }
@@ -319,6 +342,10 @@ class Daemon:
             await self.committer.commit_now()
             await self.uploader.wait_idle()
             await self.committer.commit_now()
+        try:
+            await self.replicator.ship(snapshot=True)
+        except (StoreUnavailable, OSError) as exc:
+            log.error("could not store the final metadata snapshot: %s", exc)
         up = self.uploader.statistics()
         return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
 
@@ -342,6 +369,7 @@ class Daemon:
                 await nursery.start(self.committer.run)
                 await nursery.start(self.data.run)
                 await nursery.start(self.files.run)
+                await nursery.start(self.replicator.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._probe_ready, ready)
@@ -369,6 +397,7 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
         try:
             if not cfg.foreground or cfg.log_file is not None:
                 setup_logging(cfg.log_file or cache_dir / LOG_FILE, cfg.debug)
+            await restore_if_needed(archive, cache_dir)
             daemon = Daemon(cfg, archive, cache_dir)
             await daemon.serve(ready)
         finally:

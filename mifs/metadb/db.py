@@ -22,6 +22,11 @@ from mifs.metadb.schema import MIGRATIONS, SCHEMA_VERSION
 log = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
+Statement = tuple[str, tuple[Any, ...]]
+JournalGroup = tuple[int, list[Statement]]
+"""The statements of one committed transaction, with its commit sequence number."""
+
+JOURNAL_MEMORY_LIMIT = 32 * 1024 * 1024
 
 
 class DatabaseTooNew(Exception):
@@ -46,7 +51,13 @@ class MetaDb:
         self._conn.execute("PRAGMA foreign_keys = OFF")
         self._in_txn = False
         self.commits = 0
+        self._key = key
         self._migrate()
+        self._txn_log: list[Statement] = []
+        self._journal: list[JournalGroup] = []
+        self._journal_bytes = 0
+        self._journal_overflow = False
+        self.commit_seq = int(self.scalar("SELECT value FROM meta WHERE key = 'commit_seq'") or 0)
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -73,16 +84,23 @@ class MetaDb:
             self._conn.execute("BEGIN IMMEDIATE")
             self._in_txn = True
 
+    def _execute_logged(self, sql: str, params: Iterable[Any]) -> Any:
+        self._begin()
+        values = tuple(params)
+        cur = self._conn.execute(sql, values)
+        # Every statement is deterministic given the database state, so replaying the log of
+        # committed statements on a snapshot reproduces the database (see metasync).
+        self._txn_log.append((sql, values))
+        self._journal_bytes += len(sql) + sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in values)
+        return cur
+
     def write(self, sql: str, params: Iterable[Any] = ()) -> int:
         """Run one modifying statement inside the open transaction; returns lastrowid."""
-        self._begin()
-        cur = self._conn.execute(sql, tuple(params))
-        return int(cur.lastrowid or 0)
+        return int(self._execute_logged(sql, params).lastrowid or 0)
 
     def write_count(self, sql: str, params: Iterable[Any] = ()) -> int:
         """Run one modifying statement; returns the number of rows it changed."""
-        self._begin()
-        return int(self._conn.execute(sql, tuple(params)).rowcount)
+        return int(self._execute_logged(sql, params).rowcount)
 
     @property
     def dirty(self) -> bool:
@@ -91,14 +109,74 @@ class MetaDb:
     def commit(self) -> None:
         """Make every write so far durable (one WAL fsync)."""
         if self._in_txn:
+            seq = self.commit_seq + 1
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('commit_seq', ?)", (seq,))
             self._conn.execute("COMMIT")
             self._in_txn = False
+            self.commit_seq = seq
             self.commits += 1
+            self._journal.append((seq, self._txn_log))
+            self._txn_log = []
+            if self._journal_bytes > JOURNAL_MEMORY_LIMIT:
+                self._journal = []
+                self._journal_bytes = 0
+                self._journal_overflow = True
 
     def rollback(self) -> None:
         if self._in_txn:
             self._conn.execute("ROLLBACK")
             self._in_txn = False
+            self._txn_log = []
+
+    # --- replication (see metasync) ---------------------------------------------------------
+
+    def take_journal(self) -> tuple[list[JournalGroup], bool]:
+        """The committed transactions not yet handed out, and whether some were dropped
+        (memory limit) so that only a full snapshot can bring a replica up to date."""
+        groups, overflow = self._journal, self._journal_overflow
+        self._journal, self._journal_bytes, self._journal_overflow = [], 0, False
+        return groups, overflow
+
+    def snapshot_to_sync(self, target: Path) -> int:
+        """Write a consistent encrypted copy of the database to target (same key); returns the
+        commit sequence number it contains. Uses its own connection: safe in a worker thread."""
+        conn = sqlcipher3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
+            conn.execute("PRAGMA temp_store = MEMORY")
+            conn.execute("VACUUM INTO ?", (str(target),))
+        finally:
+            conn.close()
+        copy = sqlcipher3.connect(str(target))
+        try:
+            copy.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
+            row = copy.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchone()
+        finally:
+            copy.close()
+        return int(row[0]) if row else 0
+
+    def replay(self, groups: list[JournalGroup]) -> int:
+        """Apply shipped transactions with sequence numbers after ours, in order, stopping at a
+        gap. Returns how many were applied. Not journaled again."""
+        applied = 0
+        for seq, statements in sorted(groups, key=lambda g: g[0]):
+            if seq <= self.commit_seq:
+                continue
+            if seq != self.commit_seq + 1:
+                log.warning("metadata journal has a gap after commit %d; stopping there", self.commit_seq)
+                break
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, values in statements:
+                    self._conn.execute(sql, values)
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('commit_seq', ?)", (seq,))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self.commit_seq = seq
+            applied += 1
+        return applied
 
     # --- reads ------------------------------------------------------------------------------
 

@@ -1,0 +1,213 @@
+"""Keeps an encrypted copy of the metadata in the store, so the bucket alone (with the key)
+can rebuild a gateway: periodic snapshots plus small journal segments in between.
+
+Must not touch file contents, FUSE or the cache's chunks. Layout (docs/FORMAT.md, section 9):
+
+- ``meta/snapshot/<commit seq, 16 hex>``: an SQLCipher copy of the database (VACUUM INTO,
+  same key), sealed as a metadata blob of kind 1.
+- ``meta/journal/<first seq, 16 hex>-<last seq, 16 hex>``: the committed SQL statements with
+  their parameters (JSON, zlib), sealed as a metadata blob of kind 2.
+
+Every statement mifs runs on the database is deterministic, so replaying the journal
+segments newer than a snapshot, in commit order, reproduces the database. A segment is
+shipped every `journal_interval` seconds when anything was committed: that interval plus the
+upload time bounds what a host loss can cost (the recovery point). Snapshots are taken every
+`snapshot_interval`, at unmount, and whenever the in-memory journal overflowed; older
+snapshots and the segments they cover are then deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import zlib
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mifs.crypto import envelope
+from mifs.errors import IntegrityError, StorePermissionDenied, StoreUnavailable
+from mifs.metadb.db import JournalGroup, MetaDb, Statement
+from mifs.store.base import ObjectStore
+from mifs.types import ObjectKey
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "meta/snapshot/"
+JOURNAL_PREFIX = "meta/journal/"
+KIND_SNAPSHOT = 1
+KIND_JOURNAL = 2
+KEEP_SNAPSHOTS = 2
+MAX_PENDING_GROUPS = 100_000
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+    return value
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return base64.b64decode(value["b"])
+    return value
+
+
+def encode_journal(groups: list[JournalGroup]) -> bytes:
+    doc = [[seq, [[sql, [_encode_value(v) for v in values]] for sql, values in statements]] for seq, statements in groups]
+    return zlib.compress(json.dumps(doc, separators=(",", ":")).encode("utf-8"), 1)
+
+
+def decode_journal(raw: bytes) -> list[JournalGroup]:
+    doc = json.loads(zlib.decompress(raw).decode("utf-8"))
+    groups: list[JournalGroup] = []
+    for seq, statements in doc:
+        decoded: list[Statement] = [(str(sql), tuple(_decode_value(v) for v in values)) for sql, values in statements]
+        groups.append((int(seq), decoded))
+    return groups
+
+
+def _seq_of_snapshot(key: str) -> int:
+    return int(key[len(SNAPSHOT_PREFIX):], 16)
+
+
+def _range_of_segment(key: str) -> tuple[int, int]:
+    first, last = key[len(JOURNAL_PREFIX):].split("-")
+    return int(first, 16), int(last, 16)
+
+
+class MetadataReplicator:
+    def __init__(
+        self, db: MetaDb, store: ObjectStore, key: bytes, work_dir: Path,
+        journal_interval: float = 1.0, snapshot_interval: float = 600.0,
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._key = key
+        self._work_dir = work_dir
+        self._journal_interval = journal_interval
+        self._snapshot_interval = snapshot_interval
+        self._pending: list[JournalGroup] = []  # taken from the db, not yet in the store
+        self._need_snapshot = True
+        self._last_snapshot = 0.0
+        self._lock = trio.Lock()
+        self.shipped_seq = 0
+        self.last_error = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self._journal_interval)
+            try:
+                await self.ship()
+            except (StoreUnavailable, StorePermissionDenied) as exc:
+                self.last_error = str(exc)
+                log.warning("shipping metadata to the store failed, will retry: %s", exc)
+
+    async def ship(self, *, snapshot: bool = False) -> None:
+        """Send what was committed since the last call: a journal segment, or a snapshot."""
+        async with self._lock:
+            groups, overflow = self._db.take_journal()
+            self._pending.extend(groups)
+            if overflow or len(self._pending) > MAX_PENDING_GROUPS:
+                self._pending = []  # a snapshot will carry all of it
+                self._need_snapshot = True
+            due = trio.current_time() - self._last_snapshot >= self._snapshot_interval
+            if snapshot or self._need_snapshot or due:
+                await self._snapshot()
+            elif self._pending:
+                await self._segment()
+
+    async def _segment(self) -> None:
+        groups = self._pending
+        first, last = groups[0][0], groups[-1][0]
+        key = ObjectKey(f"{JOURNAL_PREFIX}{first:016x}-{last:016x}")
+        blob = await trio.to_thread.run_sync(self._seal, KIND_JOURNAL, key, encode_journal(groups))
+        await self._store.put(key, blob)
+        self._pending = []
+        self.shipped_seq = last
+
+    async def _snapshot(self) -> None:
+        tmp = self._work_dir / f"snapshot-{secrets.token_hex(8)}.db"
+        try:
+            seq = await trio.to_thread.run_sync(self._db.snapshot_to_sync, tmp)
+            raw = await trio.to_thread.run_sync(tmp.read_bytes)
+        finally:
+            tmp.unlink(missing_ok=True)
+        key = ObjectKey(f"{SNAPSHOT_PREFIX}{seq:016x}")
+        blob = await trio.to_thread.run_sync(self._seal, KIND_SNAPSHOT, key, raw)
+        await self._store.put(key, blob)
+        self._pending = [g for g in self._pending if g[0] > seq]
+        self._need_snapshot = False
+        self._last_snapshot = trio.current_time()
+        self.shipped_seq = seq
+        if self._pending:
+            await self._segment()
+        await self._prune(seq)
+
+    async def _prune(self, newest: int) -> None:
+        snapshots = sorted(_seq_of_snapshot(k) for k in await self._store.list(SNAPSHOT_PREFIX))
+        keep = set(snapshots[-KEEP_SNAPSHOTS:]) | {newest}
+        oldest_kept = min(keep)
+        for seq in snapshots:
+            if seq not in keep:
+                await self._store.delete(ObjectKey(f"{SNAPSHOT_PREFIX}{seq:016x}"))
+        for key in await self._store.list(JOURNAL_PREFIX):
+            if _range_of_segment(key)[1] <= oldest_kept:
+                await self._store.delete(key)
+
+    def _seal(self, kind: int, key: ObjectKey, payload: bytes) -> bytes:
+        return envelope.seal_blob(self._key, kind, key.encode("ascii"), payload)
+
+
+def _open(key: bytes, kind: int, name: ObjectKey, blob: bytes) -> bytes:
+    return envelope.open_blob(key, kind, name.encode("ascii"), blob)
+
+
+async def store_has_metadata(store: ObjectStore) -> bool:
+    return bool(await store.list(SNAPSHOT_PREFIX))
+
+
+async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) -> tuple[int, int]:
+    """Rebuild the metadata database at db_path from the newest snapshot in the store and the
+    journal segments after it. Returns (snapshot seq, final commit seq)."""
+    snapshots = sorted(await store.list(SNAPSHOT_PREFIX), key=_seq_of_snapshot)
+    if not snapshots:
+        raise FileNotFoundError("no metadata snapshot in the store")
+    for name in reversed(snapshots):  # newest first; fall back if one is damaged
+        try:
+            image = _open(key, KIND_SNAPSHOT, name, await store.get(name))
+            break
+        except IntegrityError:
+            log.error("metadata snapshot %s failed authentication; trying an older one", name)
+    else:
+        raise IntegrityError("no metadata snapshot in the store is intact")
+    tmp = db_path.with_name(db_path.name + ".restore")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, image)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, db_path)
+    db = MetaDb(db_path, db_key)
+    try:
+        snap_seq = db.commit_seq
+        groups: list[JournalGroup] = []
+        segments = sorted(await store.list(JOURNAL_PREFIX), key=_range_of_segment)
+        for name in segments:
+            if _range_of_segment(name)[1] <= snap_seq:
+                continue
+            groups.extend(decode_journal(_open(key, KIND_JOURNAL, name, await store.get(name))))
+        db.replay(groups)
+        # Chunks staged on the lost host are either in the store by now or lost with it.
+        db.write("UPDATE chunks SET state = 1 WHERE state = 0")
+        db.commit()
+        db.take_journal()
+        return snap_seq, db.commit_seq
+    finally:
+        db.close()
