@@ -34,6 +34,7 @@ from mifs.mount import (
     default_cache_dir,
     default_key_file,
     mount,
+    mount_fstype,
     open_archive,
     open_cache_db,
     run_fusermount,
@@ -157,21 +158,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_fuse_mount(path: Path) -> str | None:
-    """The filesystem type of the mount at path (from /proc/self/mountinfo), or None."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[4].encode().decode("unicode_escape") == real:
-                    return fields[sep + 1]
-    except OSError:
-        return None
-    return None
-
-
 def _wait_pid_gone(pid: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -193,7 +179,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             else:
                 final = reply
     except ControlUnavailable:
-        fstype = _is_fuse_mount(mountpoint)
+        fstype = mount_fstype(mountpoint)
         if fstype == "fuse.mifs":
             problem = run_fusermount(mountpoint, lazy=True)
             if problem:
@@ -253,7 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if reply.get("ok"):
                     status = reply["status"]
         except ControlUnavailable:
-            if _is_fuse_mount(target) == "fuse.mifs":
+            if mount_fstype(target) == "fuse.mifs":
                 raise UserError(f"the mifs daemon for {target} is not responding", EXIT_DAEMON) from None
     if status is None:
         status = _offline_status(args)

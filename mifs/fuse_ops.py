@@ -53,7 +53,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def errno_of(exc: errors.FsError) -> int:
     for cls in type(exc).__mro__:
         if cls in ERRNO:
-            return ERRNO[cls]  # type: ignore[index]
+            return ERRNO[cls]
     return errno.EIO
 
 
@@ -88,7 +88,7 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 

@@ -7,6 +7,7 @@ daemon's process life (fork, readiness pipe). Business logic lives below; this m
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import logging.handlers
@@ -42,6 +43,7 @@ from mifs.errors import (
 from mifs.metadb import tables
 from mifs.metadb.db import DatabaseTooNew, MetaDb
 from mifs.metasync import MetadataReplicator, restore, store_has_metadata
+from mifs.sdnotify import Notifier
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreLocation, open_store, parse_store_url
 from mifs.uploader import Uploader
@@ -164,7 +166,34 @@ def check_fuse_available() -> None:
         raise UserError("fusermount3 is not installed (apt-get install fuse3)", EXIT_FUSE)
 
 
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                point = fields[4].encode().decode("unicode_escape")
+                if point == real:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        return None
+    return None
+
+
 def check_mountpoint(path: Path) -> None:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN and mount_fstype(path) == "fuse.mifs":
+            # A daemon that died (kill -9, OOM) leaves its mount behind: detach it and go on;
+            # everything it had closed is on local disk and the new daemon recovers it.
+            problem = run_fusermount(path, lazy=True)
+            if problem is not None:
+                raise UserError(f"mountpoint {path} holds a dead mifs mount that cannot be detached: {problem}", EXIT_MOUNTPOINT) from None
+            log.warning("detached the dead mifs mount at %s", path)
+        elif exc.errno == errno.ENOTCONN:
+            raise UserError(f"mountpoint {path} is a dead mount of another filesystem", EXIT_MOUNTPOINT) from None
     if not path.exists():
         raise UserError(f"mountpoint {path} does not exist", EXIT_MOUNTPOINT)
     if not path.is_dir():
@@ -198,13 +227,13 @@ def prepare_cache_dir(path: Path) -> int:
 
 def setup_logging(log_file: Path | None, debug: bool) -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler: logging.Handler
-    if log_file is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=64 * 1024 * 1024, backupCount=3)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr)
+        if log_file is None
+        else logging.handlers.RotatingFileHandler(log_file, maxBytes=64 * 1024 * 1024, backupCount=3)
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -272,6 +301,7 @@ class Daemon:
         )
         self.finished = trio.Event()
         self.started = time.time()
+        self.notifier = Notifier()
         self._unmount_requested = False
 
     def status(self) -> dict[str, Any]:
@@ -333,6 +363,14 @@ class Daemon:
         await trio.to_thread.run_sync(os.statvfs, self.cfg.mountpoint)
         log.info("mounted archive %s at %s", self.archive.descriptor.archive_id_hex, self.cfg.mountpoint)
         ready()
+        self.notifier.ready(f"mounted at {self.cfg.mountpoint}")
+        while self.notifier.enabled:
+            up = self.uploader.statistics()
+            self.notifier.status(
+                f"mounted at {self.cfg.mountpoint}; {up.pending_uploads} uploads pending"
+                + ("" if up.store_reachable else "; store unreachable")
+            )
+            await trio.sleep(5)
 
     async def _shutdown(self) -> dict[str, Any]:
         await self.fs.shutdown()
@@ -376,6 +414,7 @@ class Daemon:
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 mounted = False
                 log.info("kernel session ended; flushing")
+                self.notifier.stopping("unmounted; flushing and uploading")
                 control.final_result = await self._shutdown()
                 self.finished.set()
                 with trio.move_on_after(10):

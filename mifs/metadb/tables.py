@@ -74,7 +74,7 @@ def get_inode(db: MetaDb, inode: InodeId) -> InodeRow | None:
 
 def insert_inode(db: MetaDb, row: InodeRow, *, with_id: bool = False) -> InodeId:
     cols = _INODE_COLS if with_id else _INODE_COLS.split(", ", 1)[1]
-    values = (
+    values: tuple[object, ...] = (
         row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns,
         row.rdev, row.file_id, row.wrapped_dek, row.next_gen, row.target,
     )
