@@ -88,6 +88,8 @@ class DirtyChunk:
         self.covered = merged
 
     def covers(self, start: int, end: int) -> bool:
+        if start >= end:
+            return True
         return any(s <= start and end <= e for s, e in self.covered)
 
     def is_full(self, size: int) -> bool:
@@ -106,9 +108,10 @@ class DirtyChunk:
             gaps.append((pos, size))
         return [(s, e) for s, e in gaps if s < e]
 
-    def fill_uncovered(self, base: bytes | None, zeros: memoryview) -> None:
-        """Merge the chunk's stored plaintext (None = hole) into every range not yet written."""
-        size = len(self.buf)
+    def fill_uncovered(self, base: bytes | None, zeros: memoryview, upto: int) -> None:
+        """Merge the chunk's stored plaintext (None = hole) into every range below `upto` not
+        yet written (bytes beyond the file's end never need it)."""
+        size = upto
         for s, e in self.uncovered(size):
             have = 0 if base is None else max(0, min(e, len(base)) - s)
             if have:
@@ -116,4 +119,4 @@ class DirtyChunk:
                 self.buf[s : s + have] = memoryview(base)[s : s + have]
             if s + have < e:
                 self.buf[s + have : e] = zeros[: e - s - have]
-        self.covered = [(0, size)]
+        self.cover(0, size)

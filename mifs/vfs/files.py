@@ -136,7 +136,7 @@ class FileData:
             if dc is not None:
                 if dc.covers(start, end):
                     return bytes(dc.buf[start:end])
-                await self._fill(oi, idx, dc)
+                await self._fill(oi, idx, dc, end)
                 continue
             sealing = oi.sealing.get(idx)
             if sealing is not None:
@@ -147,11 +147,11 @@ class FileData:
                 piece += bytes(end - start - len(piece))
             return piece
 
-    async def _fill(self, oi: OpenInode, idx: int, dc: DirtyChunk) -> None:
-        """Merge the stored bytes of chunk idx into the parts of dc not written yet."""
+    async def _fill(self, oi: OpenInode, idx: int, dc: DirtyChunk, upto: int) -> None:
+        """Merge the stored bytes of chunk idx into the parts of dc below `upto` not written yet."""
         base = await self._data.read_chunk(oi.key, idx, readahead=False)
         if oi.dirty.get(idx) is dc:
-            dc.fill_uncovered(base, self.pool.zeros)
+            dc.fill_uncovered(base, self.pool.zeros, upto)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -208,18 +208,19 @@ class FileData:
 
     async def _seal(self, oi: OpenInode, idx: int) -> None:
         """Encrypt and stage dirty chunk idx. On failure the chunk stays dirty and the error is raised."""
-        dc = oi.dirty.get(idx)
-        if dc is None:
-            return
-        if not dc.is_full(self.chunk_size):
-            await self._fill(oi, idx, dc)
-            if oi.dirty.get(idx) is not dc:
+        while True:
+            dc = oi.dirty.get(idx)
+            if dc is None:
                 return  # sealed or truncated away meanwhile
+            plain_len = chunk_plain_len(oi.size, idx, self.chunk_size)
+            if dc.is_full(plain_len):
+                break
+            await self._fill(oi, idx, dc, plain_len)  # then check again: the file may have grown
+        # No checkpoint since the check above: dc holds every byte of the chunk below EOF.
         del oi.dirty[idx]
         sealing = oi.sealing[idx] = Sealing(trio.Event(), dc)
         keep_buffer = False
         try:
-            plain_len = chunk_plain_len(oi.size, idx, self.chunk_size)
             if plain_len > 0:
                 await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
         except BaseException:

@@ -1,0 +1,404 @@
+"""The S3 backend: sealed objects in a bucket (AWS S3, SeaweedFS, MinIO, ...) through one boto3 client.
+
+Must not see plaintext, keys or names, and must not retry: a transient failure is raised as
+StoreUnavailable for the retry wrapper (mifs.store.retry). boto3 is imported here and nowhere else.
+
+Concurrency: every boto3 call runs in a worker thread (``trio.to_thread.run_sync``) under one
+CapacityLimiter; the single boto3 client is shared by those threads (botocore clients are
+thread-safe) and its connection pool is as large as the limiter. Cancelling an operation waits
+for the request in flight, which the connect/read timeouts bound; a multipart upload also
+stops between parts and is aborted, so cancellation leaves either the old object or the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import botocore.exceptions as bce
+import trio
+from botocore.config import Config
+
+from mifs.errors import MifsError, ObjectNotFound, StorePermissionDenied, StoreUnavailable
+from mifs.store.base import check_key
+from mifs.types import ObjectKey
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB
+"""S3's minimum size of every part of a multipart upload except the last."""
+
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+DEFAULT_REGION = "us-east-1"
+
+_T = TypeVar("_T")
+
+# Error codes (botocore ClientError "Code") by what they mean for us. HEAD requests carry no
+# body, so their code is the bare HTTP status ("404", "403"): statuses are checked as well.
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_TRANSIENT = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+        "OperationAborted",
+        "ConditionalRequestConflict",  # concurrent conditional writes to one key: try again
+        "ExpiredToken",  # temporary credentials: botocore refreshes them on the next attempt
+    }
+)
+_PERMISSION_MESSAGES = {
+    "AccessDenied": "access denied to bucket {bucket}",
+    "AllAccessDisabled": "all access to bucket {bucket} is disabled",
+    "AccountProblem": "the S3 account has a problem; access to bucket {bucket} refused",
+    "InvalidAccessKeyId": "the S3 server does not know the access key (bucket {bucket})",
+    "SignatureDoesNotMatch": "the S3 server rejected the request signature: wrong secret key for bucket {bucket}",
+    "InvalidToken": "the S3 session token is invalid (bucket {bucket})",
+    "NoSuchBucket": "bucket {bucket} does not exist",
+    "PermanentRedirect": "bucket {bucket} is in another region (set the region)",
+    "AuthorizationHeaderMalformed": "bucket {bucket} is in another region, or the region is wrong",
+    "RequestTimeTooSkewed": "the local clock is too far from the S3 server's clock (bucket {bucket})",
+    "403": "access denied to bucket {bucket} (wrong credentials or no permission)",
+}
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach the bucket. Everything left None comes from the standard AWS chain
+    (environment, shared config/credentials files, instance role)."""
+
+    endpoint_url: str | None = None
+    """None: AWS, or the AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 environment variable."""
+    region: str | None = None
+    """None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region, else us-east-1."""
+    addressing_style: str = "auto"
+    """auto | path | virtual (botocore's s3 addressing_style)."""
+    profile: str | None = None
+    """A profile of ~/.aws/config and ~/.aws/credentials."""
+    ca_bundle: str | None = None
+    """A PEM file of CAs to verify the endpoint's TLS certificate with (verification is always on)."""
+    access_key: str | None = None
+    """Explicit credentials (tests, embedding); the CLI leaves them to the chain."""
+    secret_key: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_threads: int = 16
+    """Concurrent requests: worker threads and pooled connections."""
+    multipart_threshold: int = 16 * MiB
+    """Bodies larger than this go up as multipart uploads."""
+    part_size: int = 8 * MiB
+    conditional_put: bool = True
+    """put_if_absent sends If-None-Match: * (atomic). False: HEAD then PUT, which races."""
+
+    def __post_init__(self) -> None:
+        if self.addressing_style not in ADDRESSING_STYLES:
+            raise ValueError(f"addressing style must be one of {', '.join(ADDRESSING_STYLES)}")
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError("multipart part size must be at least 5 MiB")
+        if self.multipart_threshold < 1 or self.max_threads < 1:
+            raise ValueError("multipart threshold and thread count must be positive")
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("give both an access key and a secret key, or neither")
+
+
+class BucketLocation(Protocol):
+    """What from_location needs of mifs.store.url.StoreLocation (no import: no cycle)."""
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def bucket(self) -> str: ...
+
+    @property
+    def prefix(self) -> str: ...
+
+
+def from_location(location: BucketLocation, options: S3Options | None = None) -> S3Store:
+    """The store for ``s3://bucket/prefix``; blocks briefly to build the boto3 client."""
+    if location.scheme != "s3" or not location.bucket:
+        raise ValueError("not an s3://bucket location")
+    return S3Store(location.bucket, location.prefix, options or S3Options())
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class S3Store:
+    """Object ``key`` is ``PREFIX/key`` in the bucket (just ``key`` without a prefix)."""
+
+    def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None) -> None:
+        self.options = options or S3Options()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._key_prefix = self.prefix + "/" if self.prefix else ""
+        opts = self.options
+        try:
+            session = boto3.session.Session(
+                profile_name=opts.profile,
+                aws_access_key_id=opts.access_key,
+                aws_secret_access_key=opts.secret_key,
+            )
+        except bce.ProfileNotFound:
+            raise StorePermissionDenied(f"AWS profile {opts.profile!r} is not configured") from None
+        self.region: str = opts.region or session.region_name or DEFAULT_REGION
+        config = Config(
+            region_name=self.region,
+            s3={"addressing_style": opts.addressing_style},
+            retries={"mode": "standard", "total_max_attempts": 1},  # mifs.store.retry retries
+            connect_timeout=opts.connect_timeout,
+            read_timeout=opts.read_timeout,
+            max_pool_connections=opts.max_threads,
+            tcp_keepalive=True,
+            user_agent_extra="mifs",
+        )
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=opts.endpoint_url,
+            verify=opts.ca_bundle if opts.ca_bundle else True,
+            config=config,
+        )
+        self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
+        self._limiter = trio.CapacityLimiter(opts.max_threads)
+
+    @property
+    def description(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix} at {self.endpoint}"
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _object_name(self, key: ObjectKey) -> str:
+        return self._key_prefix + check_key(key)
+
+    def _translate(self, exc: Exception, what: str) -> MifsError:
+        """The mifs error for a boto3 failure; messages name the bucket, never credentials."""
+        bucket = self.bucket
+        if isinstance(exc, bce.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            detail = f"{code or 'error'} (HTTP {status})" if status else code or "error"
+            if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+                return ObjectNotFound(f"{what}: no such object in bucket {bucket}")
+            if code in _TRANSIENT or status >= 500 or status in (408, 429):
+                return StoreUnavailable(f"{what}: S3 at {self.endpoint} failed with {detail}")
+            if code in _PERMISSION_MESSAGES:
+                return StorePermissionDenied(_PERMISSION_MESSAGES[code].format(bucket=bucket))
+            if code in ("301", "307"):  # a HEAD answered with a redirect: wrong region
+                return StorePermissionDenied(_PERMISSION_MESSAGES["PermanentRedirect"].format(bucket=bucket))
+            return StorePermissionDenied(f"{what}: S3 refused the request for bucket {bucket}: {detail}")
+        if isinstance(exc, bce.SSLError):
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+                return StorePermissionDenied(f"TLS certificate of {self.endpoint} not trusted (CA bundle?)")
+            return StoreUnavailable(f"{what}: TLS failure talking to {self.endpoint}")
+        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+            return StorePermissionDenied("no usable S3 credentials (environment, profile or instance role)")
+        if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError)):
+            return StoreUnavailable(f"{what}: S3 at {self.endpoint} timed out")
+        if isinstance(
+            exc,
+            (
+                bce.ConnectionError,  # EndpointConnectionError, proxy errors
+                bce.HTTPClientError,  # ConnectionClosedError, ResponseStreamingError
+                bce.IncompleteReadError,
+                bce.CredentialRetrievalError,
+                OSError,
+            ),
+        ):
+            return StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})")
+        return StoreUnavailable(f"{what}: unexpected S3 client failure ({type(exc).__name__})")
+
+    def _call(self, what: str, fn: Callable[..., _T], **kwargs: Any) -> _T:
+        """One boto3 request (in a worker thread), its failure translated."""
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except (bce.ClientError, bce.BotoCoreError, OSError) as exc:
+            if isinstance(exc, bce.ParamValidationError):
+                raise
+            raise self._translate(exc, what) from None
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # --- put ------------------------------------------------------------------------------
+
+    def _put_sync(self, key: ObjectKey, data: bytes) -> None:
+        name = self._object_name(key)
+        if len(data) > self.options.multipart_threshold:
+            self._multipart_sync(key, name, data)
+        else:
+            self._call(f"put of {key}", self._client.put_object, Key=name, Body=data)
+
+    def _multipart_sync(self, key: ObjectKey, name: str, data: bytes) -> None:
+        what = f"multipart put of {key}"
+        created = self._call(what, self._client.create_multipart_upload, Key=name)
+        upload_id = str(created["UploadId"])
+        try:
+            parts = []
+            size = self.options.part_size
+            for number, offset in enumerate(range(0, len(data), size), start=1):
+                trio.from_thread.check_cancelled()
+                reply = self._call(
+                    what,
+                    self._client.upload_part,
+                    Key=name,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data[offset : offset + size],
+                )
+                parts.append({"ETag": reply["ETag"], "PartNumber": number})
+            trio.from_thread.check_cancelled()
+            self._call(
+                what,
+                self._client.complete_multipart_upload,
+                Key=name,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:
+                self._call(what, self._client.abort_multipart_upload, Key=name, UploadId=upload_id)
+            except MifsError as exc:  # the bucket's lifecycle rules must clean up then
+                log.warning("could not abort multipart upload of %s: %s", key, type(exc).__name__)
+            raise
+
+    async def put(self, key: ObjectKey, data: bytes) -> None:
+        await self._run(self._put_sync, key, data)
+
+    def _put_if_absent_sync(self, key: ObjectKey, data: bytes) -> bool:
+        name = self._object_name(key)
+        if not self.options.conditional_put:
+            # Not atomic: another writer can create the key between HEAD and PUT.
+            if self._exists_sync(key):
+                return False
+            self._call(f"put of {key}", self._client.put_object, Key=name, Body=data)
+            return True
+        try:
+            # One PUT whatever the size (S3 takes up to 5 GiB); mifs objects are chunk-sized.
+            self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*")
+        except bce.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                return False
+            raise self._translate(exc, f"conditional put of {key}") from None
+        except (bce.BotoCoreError, OSError) as exc:
+            if isinstance(exc, bce.ParamValidationError):
+                raise
+            raise self._translate(exc, f"conditional put of {key}") from None
+        return True
+
+    async def put_if_absent(self, key: ObjectKey, data: bytes) -> bool:
+        return await self._run(self._put_if_absent_sync, key, data)
+
+    # --- get, exists, delete, list ----------------------------------------------------------
+
+    def _get_sync(self, key: ObjectKey) -> bytes:
+        what = f"get of {key}"
+        reply = self._call(what, self._client.get_object, Key=self._object_name(key))
+        body = reply["Body"]
+        try:
+            data = body.read()  # botocore checks the length against Content-Length
+        except (bce.BotoCoreError, OSError) as exc:
+            raise self._translate(exc, what) from None
+        finally:
+            body.close()
+        return bytes(data)
+
+    async def get(self, key: ObjectKey) -> bytes:
+        return await self._run(self._get_sync, key)
+
+    def _exists_sync(self, key: ObjectKey) -> bool:
+        # A HEAD of a key in a missing bucket is a plain 404 too: check_access() tells them apart.
+        try:
+            self._call(f"exists of {key}", self._client.head_object, Key=self._object_name(key))
+        except ObjectNotFound:
+            return False
+        return True
+
+    async def exists(self, key: ObjectKey) -> bool:
+        return await self._run(self._exists_sync, key)
+
+    def _delete_sync(self, key: ObjectKey) -> None:
+        try:
+            self._call(f"delete of {key}", self._client.delete_object, Key=self._object_name(key))
+        except ObjectNotFound:
+            pass
+
+    async def delete(self, key: ObjectKey) -> None:
+        await self._run(self._delete_sync, key)
+
+    def _list_sync(self, prefix: str) -> list[ObjectKey]:
+        keys: list[ObjectKey] = []
+        strip = len(self._key_prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix + prefix):
+                for entry in page.get("Contents", ()):
+                    name = str(entry["Key"])[strip:]
+                    try:
+                        keys.append(check_key(name))
+                    except ValueError:
+                        continue  # not ours: a folder marker or another tool's object
+        except (bce.ClientError, bce.BotoCoreError, OSError) as exc:
+            raise self._translate(exc, f"list of {prefix or '(all)'}") from None
+        return keys
+
+    async def list(self, prefix: str) -> list[ObjectKey]:
+        return await self._run(self._list_sync, prefix)
+
+    # --- bucket ---------------------------------------------------------------------------
+
+    def _check_access_sync(self) -> None:
+        try:
+            self._call("access check", self._client.head_bucket)
+        except ObjectNotFound:
+            raise StorePermissionDenied(f"bucket {self.bucket} does not exist") from None
+
+    async def check_access(self) -> None:
+        """HEAD the bucket: StorePermissionDenied if it is missing or refused, StoreUnavailable
+        if the endpoint cannot be reached."""
+        await self._run(self._check_access_sync)
+
+    def _create_bucket_sync(self) -> bool:
+        kwargs: dict[str, Any] = {}
+        if self.region != DEFAULT_REGION:
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(Bucket=self.bucket, **kwargs)
+        except bce.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "BucketAlreadyOwnedByYou":
+                return False
+            if code == "BucketAlreadyExists":
+                raise StorePermissionDenied(f"bucket name {self.bucket} is taken by another account") from None
+            raise self._translate(exc, "bucket creation") from None
+        except (bce.BotoCoreError, OSError) as exc:
+            raise self._translate(exc, "bucket creation") from None
+        return True
+
+    async def create_bucket(self) -> bool:
+        """Create the bucket (``mifs init --create-bucket``); False if we already own it."""
+        return await self._run(self._create_bucket_sync)
+
+    async def aclose(self) -> None:
+        """Close the client's connection pool; the store is unusable afterwards."""
+        self._client.close()
