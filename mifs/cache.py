@@ -114,8 +114,13 @@ class ChunkCache:
     def _write(self, key: ObjectKey, blob: bytes, durable: bool) -> None:
         path = self._path(key)
         parent = path.parent
+        new_dir = False
         if parent not in self._known_dirs:
-            parent.mkdir(mode=0o700, exist_ok=True)
+            try:
+                parent.mkdir(mode=0o700)
+                new_dir = True
+            except FileExistsError:
+                pass
             self._known_dirs.add(parent)
         tmp = self.tmp / secrets.token_hex(8)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -131,6 +136,11 @@ class ChunkCache:
         if durable:
             with self._lock:
                 self._dirs_to_sync.add(parent)
+                if new_dir:
+                    self._dirs_to_sync.add(self.root)
+        elif new_dir:
+            with self._lock:
+                self._dirs_to_sync.add(self.root)
 
     def stage_sync(self, key: ObjectKey, blob: bytes) -> None:
         """Keep a sealed chunk that is not yet in the store; durable once sync_dirs_sync ran."""
@@ -147,14 +157,19 @@ class ChunkCache:
             self._add_clean(key, len(blob))
         self.evict_sync()
 
+    def has_room_for_dirty(self, size: int) -> bool:
+        """Whether `size` more bytes of staged (not yet uploaded) data fit under the limit;
+        clean chunks do not count, they are evicted to make room."""
+        with self._lock:
+            return self._dirty_bytes + size <= self.limit or self._dirty_bytes == 0
+
     def sync_dirs_sync(self) -> None:
         """fsync the directories that gained staged chunks, so their names survive power loss."""
         with self._lock:
             dirs, self._dirs_to_sync = self._dirs_to_sync, set()
-        for d in dirs:
+        # Leaf directories first, then the root that names any new ones.
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             _fsync_dir(d)
-        if dirs:
-            _fsync_dir(self.root)
 
     def read_sync(self, key: ObjectKey) -> bytes | None:
         try:

@@ -93,6 +93,7 @@ class DataPath:
         chunk_size: int,
         plaintext_cache_bytes: int,
         fetch_timeout: float = 60.0,
+        staging_timeout: float = 120.0,
         crypto_threads: int = 4,
     ) -> None:
         self._kek = kek
@@ -104,6 +105,8 @@ class DataPath:
         self.chunk_size = chunk_size
         self._plain = PlaintextCache(max(plaintext_cache_bytes, (READAHEAD_CHUNKS + 2) * chunk_size))
         self._fetch_timeout = fetch_timeout
+        self._staging_timeout = staging_timeout
+        self.staging_waits = 0
         self._crypto = trio.CapacityLimiter(crypto_threads)
         self._fetching: dict[ObjectKey, trio.Event] = {}
         self._last_read: dict[InodeId, int] = {}
@@ -142,10 +145,11 @@ class DataPath:
             raise LocalIOError(f"cannot stage a chunk in the cache: {exc.strerror}") from None
         return len(blob)
 
-    async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> None:
+    async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> ObjectKey:
         """Seal `data` as chunk `idx` (a new generation and object), stage it durably on local
         disk (file fsynced; its directory is fsynced by the next commit), record it in the open
         metadata transaction and queue its upload."""
+        await self._wait_for_staging_room(len(data))
         generation = tables.take_generations(self._db, fk.inode)
         key = new_object_key()
         stored_len = await trio.to_thread.run_sync(
@@ -158,6 +162,20 @@ class DataPath:
         if old is not None:
             self._plain.drop(old)
         self._uploader.enqueue(key, stored_len)
+        return key
+
+    async def _wait_for_staging_room(self, size: int) -> None:
+        """Backpressure: while data not yet in the store fills the cache, writers wait for the
+        uploader; after staging_timeout they get ENOSPC instead of data being dropped."""
+        if self._cache.has_room_for_dirty(size):
+            return
+        self.staging_waits += 1
+        log.warning("cache is full of data not yet uploaded; slowing writers down")
+        with trio.move_on_after(self._staging_timeout):
+            while not self._cache.has_room_for_dirty(size):
+                await trio.sleep(0.05)
+            return
+        raise NoSpace("the cache is full of data that is not yet in the store")
 
     # --- reading ------------------------------------------------------------------------------
 

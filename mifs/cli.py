@@ -18,7 +18,16 @@ import trio
 
 from mifs import __version__
 from mifs.archive import check_no_archive, create_archive, new_descriptor
-from mifs.config import DEFAULT_CACHE_SIZE, DEFAULT_CHUNK_SIZE, KNOWN_FUSE_OPTIONS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MountConfig, format_size, parse_size
+from mifs.config import (
+    DEFAULT_CACHE_SIZE,
+    KNOWN_FUSE_OPTIONS,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    MountConfig,
+    format_size,
+    load_config_file,
+    parse_size,
+)
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
 from mifs.errors import ArchiveExists, KeyFileError, MifsError, StoreNotFound, StoreUnavailable, UserError
@@ -40,7 +49,7 @@ from mifs.mount import (
     run_fusermount,
     translate,
 )
-from mifs.store.url import open_store, parse_store_url
+from mifs.store.url import StoreOptions, open_store, parse_store_url
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="a directory, file:///path or s3://bucket/prefix")
     p.add_argument("--key-file", type=Path, help="master key file: used if it exists, generated (0600) if not")
     p.add_argument("--chunk-size", default="4MiB", help="chunk size (default 4MiB)")
+    p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+    _add_store_flags(p)
 
     p = sub.add_parser("mount", help="mount an archive")
-    p.add_argument("store")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("store", nargs="?", help="the store (or 'store' in --config)")
+    p.add_argument("mountpoint", nargs="?", type=Path, help="the mount point (or 'mountpoint' in --config)")
+    p.add_argument("--config", type=Path, help="TOML config file (docs/CONFIG.md); flags override it")
     p.add_argument("--key-file", type=Path)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--cache-size", default=None, help=f"local cache limit (default {format_size(DEFAULT_CACHE_SIZE)})")
@@ -68,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path)
     p.add_argument("--debug", action="store_true")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
+    p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
+    p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
+    _add_store_flags(p)
 
     p = sub.add_parser("umount", help="flush, upload and unmount")
     p.add_argument("mountpoint", type=Path)
@@ -78,7 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--key-file", type=Path)
     p.add_argument("--cache-dir", type=Path)
+    _add_store_flags(p)
     return parser
+
+
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("S3 stores (credentials come from the standard AWS chain)")
+    group.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    group.add_argument("--region")
+    group.add_argument("--addressing-style", choices=["auto", "path", "virtual"])
+    group.add_argument("--ca-bundle", type=Path, help="CA bundle for TLS verification")
+    group.add_argument("--profile", help="AWS profile name")
+
+
+def _store_options(args: argparse.Namespace) -> StoreOptions:
+    return StoreOptions(
+        endpoint_url=args.endpoint_url, region=args.region, addressing_style=args.addressing_style or "auto",
+        ca_bundle=args.ca_bundle.absolute() if args.ca_bundle else None, profile=args.profile,
+    )
 
 
 # --- init --------------------------------------------------------------------------------------
@@ -96,7 +128,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     kek = load_key_file(key_file) if existing_key and key_file else MasterKey.generate()
 
     async def run() -> tuple[str, Path]:
-        store = open_store(location, create=True)
+        store = open_store(location, create=True, options=_store_options(args))
         await check_no_archive(store)
         desc = new_descriptor(kek, chunk_size)
         target = key_file or default_key_file(desc.archive_id_hex)
@@ -142,19 +174,33 @@ def _fuse_options(raw: Sequence[str]) -> list[str]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    cfg = MountConfig(
-        store_url=args.store,
-        mountpoint=args.mountpoint.absolute(),
-        key_file=args.key_file.absolute() if args.key_file else None,
-        cache_dir=args.cache_dir.absolute() if args.cache_dir else None,
-        foreground=args.foreground,
-        fuse_options=_fuse_options(args.options),
-        log_file=args.log_file.absolute() if args.log_file else None,
-        debug=args.debug,
-    )
-    if args.cache_size:
-        cfg.cache_size = parse_size(args.cache_size, "cache size")
-    mount(cfg)
+    values = load_config_file(args.config.absolute()) if args.config else {}
+    flags: dict[str, Any] = {
+        "store_url": args.store,
+        "mountpoint": args.mountpoint,
+        "key_file": args.key_file,
+        "cache_dir": args.cache_dir,
+        "log_file": args.log_file,
+        "cache_size": parse_size(args.cache_size, "cache size") if args.cache_size else None,
+        "fetch_timeout": args.fetch_timeout,
+        "endpoint_url": args.endpoint_url,
+        "region": args.region,
+        "addressing_style": args.addressing_style,
+        "ca_bundle": args.ca_bundle,
+        "profile": args.profile,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for flag, name in ((args.foreground, "foreground"), (args.debug, "debug"), (args.sync_uploads, "sync_uploads")):
+        if flag:
+            values[name] = True
+    if args.options:
+        values["fuse_options"] = list(values.get("fuse_options", [])) + _fuse_options(args.options)
+    if not values.get("store_url") or not values.get("mountpoint"):
+        raise UserError("mount needs a store and a mount point (arguments or 'store'/'mountpoint' in --config)", EXIT_USAGE)
+    for name in ("mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name]).absolute()
+    mount(MountConfig(**values))
     return 0
 
 
@@ -205,7 +251,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
-    archive = trio.run(lambda: open_archive(args.target, args.key_file, need_key=False))
+    archive = trio.run(lambda: open_archive(args.target, args.key_file, need_key=False, options=_store_options(args)))
     desc = archive.descriptor
     status: dict[str, Any] = {
         "mounted": False,

@@ -6,8 +6,10 @@ Imports nothing from mifs but errors; holds no behaviour beyond parsing and defa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from mifs.errors import UserError
 
@@ -65,7 +67,74 @@ class MountConfig:
     dirty_buffer_bytes: int = 96 * 1024 * 1024
     attr_timeout: float = 60.0
     wait_uploads_on_exit: bool = True
+    fetch_timeout: float = 60.0
+    staging_timeout: float = 120.0
+    sync_uploads: bool = False
+    # S3 stores
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    ca_bundle: Path | None = None
+    profile: str | None = None
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.fuse_options
+
+
+# --- the TOML config file (docs/CONFIG.md) -------------------------------------------------------
+
+_PATH_KEYS = {"mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"}
+_SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
+_TOP_LEVEL = {"store", "mountpoint", "key_file", "cache_dir", "cache_size", "options", "log_file", "debug"}
+_SECTIONS: dict[str, set[str]] = {
+    "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
+    "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
+               "plaintext_cache_bytes", "dirty_buffer_bytes"},
+}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a mount config file into MountConfig field values; UserError on anything unknown."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist", 2) from None
+    except PermissionError:
+        raise UserError(f"config file {path} is not readable", 2) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}", 2) from None
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                if sub not in _SECTIONS[key]:
+                    raise UserError(f"config file {path}: unknown key {key}.{sub}", 2)
+                values[sub] = subvalue
+        elif key in _TOP_LEVEL:
+            values[key] = value
+        else:
+            raise UserError(f"config file {path}: unknown key {key!r}", 2)
+    known = {f.name for f in fields(MountConfig)}
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        name = "store_url" if key == "store" else "fuse_options" if key == "options" else key
+        if name not in known:
+            raise UserError(f"config file {path}: unknown key {key!r}", 2)
+        if key in _PATH_KEYS:
+            if not isinstance(value, str):
+                raise UserError(f"config file {path}: {key} must be a string path", 2)
+            value = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+        elif key in _SIZE_KEYS and isinstance(value, str):
+            value = parse_size(value, key)
+        elif key == "options":
+            if isinstance(value, str):
+                value = [o.strip() for o in value.split(",") if o.strip()]
+            if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+                raise UserError(f"config file {path}: options must be a list of strings", 2)
+            unknown = [o for o in value if o not in KNOWN_FUSE_OPTIONS]
+            if unknown:
+                raise UserError(f"config file {path}: unknown mount option {unknown[0]!r}", 2)
+        result[name] = value
+    return result

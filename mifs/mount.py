@@ -45,7 +45,7 @@ from mifs.metadb.db import DatabaseTooNew, MetaDb
 from mifs.metasync import MetadataReplicator, restore, store_has_metadata
 from mifs.sdnotify import Notifier
 from mifs.store.base import ObjectStore
-from mifs.store.url import StoreLocation, open_store, parse_store_url
+from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_url
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
 from mifs.vfs.filesystem import FileSystem
@@ -105,10 +105,16 @@ def translate(exc: Exception) -> UserError:
     return UserError(f"unexpected error: {exc.__class__.__name__}", EXIT_INTERNAL)
 
 
-async def open_archive(store_url: str, key_file: Path | None, *, need_key: bool = True) -> OpenedArchive:
+def store_options(cfg: MountConfig) -> StoreOptions:
+    return StoreOptions(cfg.endpoint_url, cfg.region, cfg.addressing_style, cfg.ca_bundle, cfg.profile)
+
+
+async def open_archive(
+    store_url: str, key_file: Path | None, *, need_key: bool = True, options: StoreOptions | None = None
+) -> OpenedArchive:
     location = parse_store_url(store_url)
     try:
-        store = open_store(location)
+        store = open_store(location, options=options)
         descriptor, tag = await load_descriptor(store)
         kek = None
         if key_file is None:
@@ -285,8 +291,12 @@ class Daemon:
         self.data = DataPath(
             kek=archive.kek, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
+            fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout,
         )
-        self.files = FileData(self.db, self.data, self.committer, cfg.dirty_buffer_bytes)
+        self.files = FileData(
+            self.db, self.data, self.committer, cfg.dirty_buffer_bytes,
+            wait_uploaded=self.uploader.wait_uploaded if cfg.sync_uploads else None,
+        )
         self.ns = Namespace(self.db, self.files, self.data.new_file_key)
         self.ns.ensure_root(os.getuid(), os.getgid())
         purged = self.ns.purge_orphans()
@@ -430,7 +440,7 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
     """Open everything and serve until unmounted (runs in the daemon process)."""
 
     async def main() -> None:
-        archive = await open_archive(cfg.store_url, cfg.key_file)
+        archive = await open_archive(cfg.store_url, cfg.key_file, options=store_options(cfg))
         cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
         lock_fd = prepare_cache_dir(cache_dir)
         try:
@@ -450,7 +460,7 @@ def mount(cfg: MountConfig) -> None:
     that reports back through a pipe once the mount is live."""
     check_fuse_available()
     check_mountpoint(cfg.mountpoint)
-    archive = trio.run(open_archive, cfg.store_url, cfg.key_file)
+    archive = trio.run(lambda: open_archive(cfg.store_url, cfg.key_file, options=store_options(cfg)))
     cfg.store_url = str(archive.location)  # absolute: the daemon runs in /
     cfg.key_file = archive.key_file
     cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)

@@ -100,6 +100,11 @@ class Uploader:
         while self.busy():
             await trio.sleep(0.02)
 
+    async def wait_uploaded(self, keys: set[ObjectKey]) -> None:
+        """Return once none of `keys` is waiting for or in upload (--sync-uploads)."""
+        while any(k in self._queued or k in self._in_flight for k in keys):
+            await trio.sleep(0.01)
+
     def statistics(self) -> UploaderStatistics:
         now = time.monotonic()
         pending = dict(self._queued)

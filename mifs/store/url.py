@@ -17,6 +17,17 @@ EXIT_BAD_STORE_URL = 2
 
 
 @dataclass(frozen=True)
+class StoreOptions:
+    """How to reach an S3 store; ignored by the local store. None = boto3's default chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    ca_bundle: Path | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
 class StoreLocation:
     scheme: str
     path: Path | None = None
@@ -50,7 +61,7 @@ def parse_store_url(url: str) -> StoreLocation:
     raise UserError(f"unknown store URL scheme {parts.scheme!r} (use a path, file:///path or s3://bucket/prefix)", EXIT_BAD_STORE_URL)
 
 
-def open_store(location: StoreLocation, *, create: bool = False) -> ObjectStore:
+def open_store(location: StoreLocation, *, create: bool = False, options: StoreOptions | None = None) -> ObjectStore:
     if location.scheme == "file":
         assert location.path is not None
         return LocalDirStore(location.path, create=create)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import trio
 
@@ -26,7 +27,7 @@ from mifs.commits import Committer
 from mifs.errors import BadFileHandle, FsError, LocalIOError, NotFound
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
-from mifs.types import InodeId
+from mifs.types import InodeId, ObjectKey
 from mifs.vfs.buffers import BufferPool, DirtyChunk
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class OpenInode:
     dirty: dict[int, DirtyChunk] = field(default_factory=dict)
     sealing: dict[int, Sealing] = field(default_factory=dict)
     error: FsError | None = None
+    staged: set[ObjectKey] = field(default_factory=set)  # since the last flush (--sync-uploads)
     attrs_dirty: bool = False
     mtime_ns: int | None = None
 
@@ -59,7 +61,13 @@ class Handle:
 
 
 class FileData:
-    def __init__(self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int) -> None:
+    def __init__(
+        self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int,
+        wait_uploaded: Callable[[set[ObjectKey]], Awaitable[None]] | None = None,
+    ) -> None:
+        """wait_uploaded: when given, flush and fsync also wait until the file's chunks are in
+        the store (--sync-uploads)."""
+        self._wait_uploaded = wait_uploaded
         self._db = db
         self._data = data
         self._committer = committer
@@ -222,7 +230,9 @@ class FileData:
         keep_buffer = False
         try:
             if plain_len > 0:
-                await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
+                key = await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
+                if self._wait_uploaded is not None:
+                    oi.staged.add(key)
         except BaseException:
             oi.dirty[idx] = dc  # keep the data; a later flush retries
             keep_buffer = True
@@ -284,6 +294,9 @@ class FileData:
             raise err
         self._save_attrs(inode, oi)
         await self._committer.commit_now()
+        if self._wait_uploaded is not None and oi.staged:
+            staged, oi.staged = oi.staged, set()
+            await self._wait_uploaded(staged)
 
     async def flush(self, fh: int) -> None:
         h, oi = self.handle(fh)
