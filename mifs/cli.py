@@ -204,13 +204,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pid_running(pid: int) -> bool:
+    """True while pid is a live process (a zombie has finished: its parent just did not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _wait_pid_gone(pid: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and _pid_running(pid):
         time.sleep(0.02)
 
 

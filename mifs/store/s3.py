@@ -13,8 +13,10 @@ stops between parts and is aborted, so cancellation leaves either the old object
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -87,7 +89,7 @@ class S3Options:
     """auto | path | virtual (botocore's s3 addressing_style)."""
     profile: str | None = None
     """A profile of ~/.aws/config and ~/.aws/credentials."""
-    ca_bundle: str | None = None
+    ca_bundle: str | PathLike[str] | None = None
     """A PEM file of CAs to verify the endpoint's TLS certificate with (verification is always on)."""
     access_key: str | None = None
     """Explicit credentials (tests, embedding); the CLI leaves them to the chain."""
@@ -101,14 +103,16 @@ class S3Options:
     part_size: int = 8 * MiB
     conditional_put: bool = True
     """put_if_absent sends If-None-Match: * (atomic). False: HEAD then PUT, which races."""
+    list_page_size: int = 1000
+    """Keys per ListObjectsV2 request (1000 is S3's maximum)."""
 
     def __post_init__(self) -> None:
         if self.addressing_style not in ADDRESSING_STYLES:
             raise ValueError(f"addressing style must be one of {', '.join(ADDRESSING_STYLES)}")
         if self.part_size < MIN_PART_SIZE:
             raise ValueError("multipart part size must be at least 5 MiB")
-        if self.multipart_threshold < 1 or self.max_threads < 1:
-            raise ValueError("multipart threshold and thread count must be positive")
+        if self.multipart_threshold < 1 or self.max_threads < 1 or not 1 <= self.list_page_size <= 1000:
+            raise ValueError("multipart threshold and thread count must be positive, list page size 1..1000")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if (self.access_key is None) != (self.secret_key is None):
@@ -174,7 +178,7 @@ class S3Store:
         self._client: Any = session.client(
             "s3",
             endpoint_url=opts.endpoint_url,
-            verify=opts.ca_bundle if opts.ca_bundle else True,
+            verify=os.fspath(opts.ca_bundle) if opts.ca_bundle else True,
             config=config,
         )
         self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
@@ -351,7 +355,12 @@ class S3Store:
         strip = len(self._key_prefix)
         paginator = self._client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix + prefix):
+            pages = paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=self._key_prefix + prefix,
+                PaginationConfig={"PageSize": self.options.list_page_size},
+            )
+            for page in pages:
                 for entry in page.get("Contents", ()):
                     name = str(entry["Key"])[strip:]
                     try:
