@@ -21,7 +21,7 @@ import trio
 from mifs.cache import ChunkCache
 from mifs.crypto import envelope
 from mifs.crypto.keyring import MasterKey
-from mifs.errors import DataUnavailable, IntegrityError, LocalIOError, NoSpace, ObjectNotFound, StoreUnavailable
+from mifs.errors import DataUnavailable, IntegrityError, LocalIOError, NoSpace, ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.store.base import ObjectStore
@@ -259,15 +259,14 @@ class DataPath:
         return data
 
     async def _get_from_store(self, key: ObjectKey) -> bytes:
-        delay = 0.1
+        """The store retries transient failures (store.retry); this bounds how long a reader waits."""
         with trio.move_on_after(self._fetch_timeout):
-            while True:
-                try:
-                    return await self._store.get(key)
-                except StoreUnavailable as exc:
-                    log.warning("fetching object %s failed, retrying: %s", key, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            try:
+                return await self._store.get(key)
+            except (StoreUnavailable, StorePermissionDenied) as exc:
+                log.error("fetching object %s failed: %s", key, exc)
+                raise DataUnavailable(f"object {key} could not be fetched") from None
+        log.error("fetching object %s did not finish within %.0fs", key, self._fetch_timeout)
         raise DataUnavailable(f"object {key} could not be fetched within {self._fetch_timeout:.0f}s")
 
     def _integrity_failure(self, fk: FileKey, row: tables.ChunkRow, where: str) -> None:

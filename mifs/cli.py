@@ -30,7 +30,7 @@ from mifs.config import (
 )
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
-from mifs.errors import ArchiveExists, KeyFileError, MifsError, StoreNotFound, StoreUnavailable, UserError
+from mifs.errors import ArchiveExists, KeyFileError, MifsError, StoreNotFound, StorePermissionDenied, StoreUnavailable, UserError
 from mifs.metadb import tables
 from mifs.mount import (
     EXIT_ARCHIVE,
@@ -128,7 +128,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     kek = load_key_file(key_file) if existing_key and key_file else MasterKey.generate()
 
     async def run() -> tuple[str, Path]:
-        store = open_store(location, create=True, options=_store_options(args))
+        store = await open_store(location, create=True, options=_store_options(args), create_bucket=args.create_bucket)
         await check_no_archive(store)
         desc = new_descriptor(kek, chunk_size)
         target = key_file or default_key_file(desc.archive_id_hex)
@@ -149,7 +149,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         archive_id, target = trio.run(run)
     except ArchiveExists as exc:
         raise UserError(str(exc), EXIT_ARCHIVE) from None
-    except (StoreNotFound, StoreUnavailable) as exc:
+    except (StoreNotFound, StoreUnavailable, StorePermissionDenied) as exc:
         raise UserError(str(exc), EXIT_STORE) from None
     print(f"created archive {archive_id} in {location}")
     print(f"chunk size: {format_size(chunk_size)}")

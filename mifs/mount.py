@@ -36,6 +36,7 @@ from mifs.errors import (
     ArchiveCorrupt,
     KeyFileError,
     StoreNotFound,
+    StorePermissionDenied,
     StoreUnavailable,
     UserError,
     WrongKey,
@@ -96,7 +97,7 @@ def translate(exc: Exception) -> UserError:
     if isinstance(exc, UserError):
         return exc
     table: list[tuple[type[Exception], int]] = [
-        (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (WrongKey, EXIT_KEY),
+        (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (StorePermissionDenied, EXIT_STORE), (WrongKey, EXIT_KEY),
         (KeyFileError, EXIT_KEY), (ArchiveCorrupt, EXIT_ARCHIVE), (DatabaseTooNew, EXIT_ARCHIVE),
     ]
     for cls, code in table:
@@ -114,7 +115,7 @@ async def open_archive(
 ) -> OpenedArchive:
     location = parse_store_url(store_url)
     try:
-        store = open_store(location, options=options)
+        store = await open_store(location, options=options)
         descriptor, tag = await load_descriptor(store)
         kek = None
         if key_file is None:
@@ -124,7 +125,7 @@ async def open_archive(
         if key_file is not None:
             kek = load_key_file(key_file)
             verify_descriptor(descriptor, tag, kek)
-    except (StoreNotFound, StoreUnavailable, WrongKey, KeyFileError, ArchiveCorrupt) as exc:
+    except (StoreNotFound, StoreUnavailable, StorePermissionDenied, WrongKey, KeyFileError, ArchiveCorrupt) as exc:
         raise translate(exc) from None
     return OpenedArchive(location, store, descriptor, kek, key_file)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import Awaitable, Callable
 import random
 import time
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class Uploader:
         if size is None:
             blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
             if blob is not None:
-                await self._with_retry("upload", key, self._store.put, key, blob)
+                await self._with_retry("upload", key, lambda: self._store.put(key, blob))
                 size = len(blob)
         if size is not None:
             if tables.chunk_state(self._db, key) == tables.STATE_STAGED:
@@ -183,11 +184,13 @@ class Uploader:
             log.error("staged chunk %s has no local copy; it cannot be uploaded", key)
             self._last_error = f"staged chunk {key} is missing from the cache"
 
-    async def _with_retry(self, what: str, key: ObjectKey, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        delay = 0.2
+    async def _with_retry(self, what: str, key: ObjectKey, fn: Callable[[], Awaitable[object]]) -> None:
+        """Keep trying until the store takes it: the store wrapper already retried transient
+        errors for a while; here a failure only means "the store is down, wait and requeue"."""
+        delay = 1.0
         while True:
             try:
-                await fn(*args)
+                await fn()
                 if not self._reachable:
                     log.info("store reachable again")
                 self._reachable = True
@@ -195,7 +198,7 @@ class Uploader:
             except (StoreUnavailable, StorePermissionDenied) as exc:
                 self._reachable = False
                 self._last_error = f"{what} of {key}: {exc}"
-                log.warning("%s of object %s failed, retrying in %.1fs: %s", what, key, delay, exc)
+                log.warning("%s of object %s failed, trying again in %.0fs: %s", what, key, delay, exc)
             await trio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, MAX_BACKOFF)
 
@@ -212,7 +215,7 @@ class Uploader:
                 if key in self._queued:
                     del self._queued[key]
                     self._queue.remove(key)
-                await self._with_retry("delete", key, self._store.delete, key)
+                await self._with_retry("delete", key, lambda: self._store.delete(key))
                 await trio.to_thread.run_sync(self._cache.discard_sync, key)
                 tables.forget_garbage(self._db, key)
                 self._deleted_objects += 1

@@ -48,9 +48,33 @@ async def _localdir(tmp_path: Path) -> AsyncIterator[ObjectStore]:
         await store.aclose()
 
 
+@asynccontextmanager
+async def _seaweedfs_s3(tmp_path: Path) -> AsyncIterator[ObjectStore]:
+    """S3Store on a fresh prefix ("tN-xxxxxx/mifs/") of one bucket of the session's SeaweedFS
+    server (tests/s3server.py): other tests' objects sit next to it, which tests isolation too."""
+    from s3server import shared_server
+
+    from mifs.store.s3 import S3Options, S3Store
+
+    server = shared_server()
+    options = S3Options(
+        endpoint_url=server.endpoint_url,
+        region=server.region,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+        addressing_style="path",
+    )
+    store = S3Store(server.session_bucket("conformance"), server.unique_prefix() + "/mifs", options)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 # The hook: append more backends here (e.g. Backend("s3", _seaweedfs_s3)).
 BACKENDS: list[Backend] = [
     Backend("localdir", _localdir),
+    Backend("s3", _seaweedfs_s3),
 ]
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from mifs.errors import StoreNotFound, UserError
 from mifs.store.localdir import LocalDirStore
-from mifs.store.url import StoreLocation, open_store, parse_store_url
+from mifs.store.retry import RetryingStore
+from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_url
 
 EXIT_USAGE = 2
 
@@ -104,38 +105,39 @@ def test_empty_url() -> None:
 # --- open_store ---------------------------------------------------------------------------------
 
 
-def test_open_existing_directory(tmp_path: Path) -> None:
-    store = open_store(parse_store_url(str(tmp_path)))
-    assert isinstance(store, LocalDirStore)
-    assert store.root == tmp_path
+async def test_open_existing_directory(tmp_path: Path) -> None:
+    store = await open_store(parse_store_url(str(tmp_path)))
+    assert isinstance(store, RetryingStore)
+    assert isinstance(store.inner, LocalDirStore)
+    assert store.inner.root == tmp_path
 
 
-def test_open_file_url(tmp_path: Path) -> None:
-    store = open_store(parse_store_url(f"file://{tmp_path}"))
-    assert isinstance(store, LocalDirStore)
-    assert store.root == tmp_path
+async def test_open_file_url(tmp_path: Path) -> None:
+    store = await open_store(parse_store_url(f"file://{tmp_path}"))
+    assert isinstance(store, RetryingStore)
+    assert isinstance(store.inner, LocalDirStore)
+    assert store.inner.root == tmp_path
 
 
-def test_open_missing_directory(tmp_path: Path) -> None:
+async def test_open_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(StoreNotFound):
-        open_store(parse_store_url(str(tmp_path / "missing")))
+        await open_store(parse_store_url(str(tmp_path / "missing")))
     assert not (tmp_path / "missing").exists()
 
 
-def test_open_create(tmp_path: Path) -> None:
-    store = open_store(parse_store_url(str(tmp_path / "new")), create=True)
-    assert isinstance(store, LocalDirStore)
+async def test_open_create(tmp_path: Path) -> None:
+    store = await open_store(parse_store_url(str(tmp_path / "new")), create=True)
+    assert isinstance(store, RetryingStore)
     assert (tmp_path / "new").is_dir()
     assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
 
 
-def test_open_create_without_parent(tmp_path: Path) -> None:
+async def test_open_create_without_parent(tmp_path: Path) -> None:
     with pytest.raises(StoreNotFound):
-        open_store(parse_store_url(str(tmp_path / "a" / "b")), create=True)
+        await open_store(parse_store_url(str(tmp_path / "a" / "b")), create=True)
 
 
-@pytest.mark.parametrize("create", [False, True])
-def test_open_s3_is_not_supported_yet(create: bool) -> None:
+async def test_open_s3_with_bad_settings_is_a_usage_error() -> None:
     with pytest.raises(UserError) as info:
-        open_store(parse_store_url("s3://bucket/prefix"), create=create)
+        await open_store(parse_store_url("s3://bucket/prefix"), options=StoreOptions(addressing_style="sideways"))
     _assert_usage_error(info)

@@ -156,6 +156,8 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self._key_prefix = self.prefix + "/" if self.prefix else ""
         opts = self.options
+        if opts.ca_bundle and not os.path.isfile(opts.ca_bundle):
+            raise ValueError(f"CA bundle {os.fspath(opts.ca_bundle)} is not a file")
         try:
             session = boto3.session.Session(
                 profile_name=opts.profile,

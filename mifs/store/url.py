@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 from mifs.errors import UserError
 from mifs.store.base import ObjectStore
 from mifs.store.localdir import LocalDirStore
+from mifs.store.retry import RetryingStore
 
 EXIT_BAD_STORE_URL = 2
 
@@ -61,8 +62,37 @@ def parse_store_url(url: str) -> StoreLocation:
     raise UserError(f"unknown store URL scheme {parts.scheme!r} (use a path, file:///path or s3://bucket/prefix)", EXIT_BAD_STORE_URL)
 
 
-def open_store(location: StoreLocation, *, create: bool = False, options: StoreOptions | None = None) -> ObjectStore:
+RETRY_DEADLINE = 60.0
+"""Seconds a store operation keeps retrying transient failures before it reports them."""
+
+
+async def open_store(
+    location: StoreLocation, *, create: bool = False, options: StoreOptions | None = None, create_bucket: bool = False
+) -> ObjectStore:
+    """The backend for a location, checked for access and wrapped in the retry policy.
+
+    create: a local store directory may be created. create_bucket: an S3 bucket may be.
+    """
+    inner: ObjectStore
     if location.scheme == "file":
         assert location.path is not None
-        return LocalDirStore(location.path, create=create)
-    raise UserError("s3:// stores are not supported by this version of mifs yet", EXIT_BAD_STORE_URL)
+        inner = LocalDirStore(location.path, create=create)
+    else:
+        from mifs.store import s3  # boto3 is slow to import: only when needed
+
+        opts = options or StoreOptions()
+        try:
+            backend = s3.from_location(
+                location,
+                s3.S3Options(
+                    endpoint_url=opts.endpoint_url, region=opts.region, addressing_style=opts.addressing_style,
+                    ca_bundle=opts.ca_bundle, profile=opts.profile,
+                ),
+            )
+        except ValueError as exc:
+            raise UserError(f"invalid S3 settings: {exc}", EXIT_BAD_STORE_URL) from None
+        if create_bucket:
+            await backend.create_bucket()
+        await backend.check_access()
+        inner = backend
+    return RetryingStore(inner, max_attempts=None, deadline=RETRY_DEADLINE, base_delay=0.2, max_delay=10.0)
