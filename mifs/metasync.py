@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from mifs.crypto import envelope
-from mifs.errors import IntegrityError, StorePermissionDenied, StoreUnavailable
+from mifs.errors import ArchiveCorrupt, IntegrityError, StorePermissionDenied, StoreUnavailable
 from mifs.metadb.db import JournalGroup, MetaDb, Statement
 from mifs.store.base import ObjectStore
 from mifs.types import ObjectKey
@@ -178,14 +178,15 @@ async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) 
     snapshots = sorted(await store.list(SNAPSHOT_PREFIX), key=_seq_of_snapshot)
     if not snapshots:
         raise FileNotFoundError("no metadata snapshot in the store")
-    for name in reversed(snapshots):  # newest first; fall back if one is damaged
+    newest = _seq_of_snapshot(snapshots[-1])
+    for name in reversed(snapshots):  # newest first; an older one only if the journal bridges the gap
         try:
             image = _open(key, KIND_SNAPSHOT, name, await store.get(name))
             break
         except IntegrityError:
             log.error("metadata snapshot %s failed authentication; trying an older one", name)
     else:
-        raise IntegrityError("no metadata snapshot in the store is intact")
+        raise ArchiveCorrupt("no metadata snapshot in the store passes authentication")
     tmp = db_path.with_name(db_path.name + ".restore")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -195,6 +196,7 @@ async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) 
         os.close(fd)
     os.rename(tmp, db_path)
     db = MetaDb(db_path, db_key)
+    rolled_back = False
     try:
         snap_seq = db.commit_seq
         groups: list[JournalGroup] = []
@@ -204,6 +206,14 @@ async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) 
                 continue
             groups.extend(decode_journal(_open(key, KIND_JOURNAL, name, await store.get(name))))
         db.replay(groups)
+        if db.commit_seq < newest:
+            # Never silently roll the archive back to an older state (a damaged or tampered
+            # newest snapshot must not make recent studies vanish).
+            rolled_back = True
+            raise ArchiveCorrupt(
+                f"the newest metadata snapshot in the store ({snapshots[-1]}) failed authentication and the "
+                f"journal cannot rebuild its state; refusing to mount an older state of the archive"
+            )
         # Chunks staged on the lost host are either in the store by now or lost with it.
         db.write("UPDATE chunks SET state = 1 WHERE state = 0")
         db.commit()
@@ -211,3 +221,6 @@ async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) 
         return snap_seq, db.commit_seq
     finally:
         db.close()
+        if rolled_back:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(db_path) + suffix).unlink(missing_ok=True)

@@ -160,7 +160,7 @@ async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
         archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), cache_dir / DB_FILE,
         archive.kek.derive(desc.archive_id, "metadb"),
     )
-    log.info("rebuilt the metadata from the store: snapshot %d, journal up to commit %d", snap, seq)
+    log.info("rebuilt the metadata from the store: snapshot %016x, journal up to commit %016x", snap, seq)
 
 
 # --- checks before mounting --------------------------------------------------------------------
@@ -447,7 +447,10 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
         try:
             if not cfg.foreground or cfg.log_file is not None:
                 setup_logging(cfg.log_file or cache_dir / LOG_FILE, cfg.debug)
-            await restore_if_needed(archive, cache_dir)
+            try:
+                await restore_if_needed(archive, cache_dir)
+            except ArchiveCorrupt as exc:
+                raise translate(exc) from None
             daemon = Daemon(cfg, archive, cache_dir)
             await daemon.serve(ready)
         finally:
