@@ -16,18 +16,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from mifs.localfs import fsync_dir
 from mifs.types import ObjectKey
 
 CHUNK_DIR = "chunks"
 _TMP_DIR = "tmp"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,7 @@ class ChunkCache:
             dirs, self._dirs_to_sync = self._dirs_to_sync, set()
         # Leaf directories first, then the root that names any new ones.
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
 
     def read_sync(self, key: ObjectKey) -> bytes | None:
         try:

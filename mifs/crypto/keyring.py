@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from mifs.localfs import fsync_dir
 from mifs.errors import KeyFileError
 from mifs.types import ARCHIVE_ID_LEN, KEY_LEN, ArchiveId
 
@@ -74,15 +75,8 @@ def write_key_file(path: Path, key: MasterKey) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_key_text(text: bytes, source: str) -> MasterKey:

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import trio
 
+from mifs.localfs import fsync_dir
 from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
 from mifs.store.base import check_key
 from mifs.types import ObjectKey
 
 TMP_DIR = ".tmp"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalDirStore:
@@ -85,7 +79,7 @@ class LocalDirStore:
                 directory.mkdir(mode=0o700)
             except FileExistsError:
                 pass
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         self._made_dirs.add(parent)
 
     def _put_sync(self, key: ObjectKey, data: bytes, replace: bool) -> bool:
@@ -105,7 +99,7 @@ class LocalDirStore:
                         raise IsADirectoryError(errno.EISDIR, "a directory has that name") from None
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -131,7 +125,7 @@ class LocalDirStore:
             raise StoreUnavailable(f"cannot write to store {self.root}: {exc.strerror}") from None
         try:
             os.rename(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise StoreUnavailable(f"cannot write to store {self.root}: {exc.strerror}") from None
         finally:
