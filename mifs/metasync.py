@@ -11,9 +11,10 @@ Must not touch file contents, FUSE or the cache's chunks. Layout (docs/FORMAT.md
 Every statement mifs runs on the database is deterministic, so replaying the journal
 segments newer than a snapshot, in commit order, reproduces the database. A segment is
 shipped every `journal_interval` seconds when anything was committed: that interval plus the
-upload time bounds what a host loss can cost (the recovery point). Snapshots are taken every
-`snapshot_interval`, at unmount, and whenever the in-memory journal overflowed; older
-snapshots and the segments they cover are then deleted.
+upload time bounds what a host loss can cost (the recovery point). Snapshots are taken at
+mount when the store's chain does not reach the local database, every `snapshot_interval`
+or `segments_per_snapshot` segments, at unmount, and whenever the in-memory journal
+overflowed; older snapshots and the segments they cover are then deleted.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _range_of_segment(key: str) -> tuple[int, int]:
 class MetadataReplicator:
     def __init__(
         self, db: MetaDb, store: ObjectStore, key: bytes, work_dir: Path,
-        journal_interval: float = 1.0, snapshot_interval: float = 600.0,
+        journal_interval: float = 1.0, snapshot_interval: float = 3600.0, segments_per_snapshot: int = 600,
     ) -> None:
         self._db = db
         self._store = store
@@ -91,6 +92,8 @@ class MetadataReplicator:
         self._work_dir = work_dir
         self._journal_interval = journal_interval
         self._snapshot_interval = snapshot_interval
+        self._segments_per_snapshot = segments_per_snapshot
+        self._segments_since_snapshot = 0
         self._pending: list[JournalGroup] = []  # taken from the db, not yet in the store
         self._need_snapshot = True
         self._last_snapshot = 0.0
@@ -98,7 +101,20 @@ class MetadataReplicator:
         self.shipped_seq = 0
         self.last_error = ""
 
+    async def _store_is_current(self) -> bool:
+        """Whether the store's snapshots and segments already reach our last commit (then the
+        mount needs no snapshot of its own: the next segment continues the chain)."""
+        seqs = [_seq_of_snapshot(k) for k in await self._store.list(SNAPSHOT_PREFIX)]
+        seqs += [_range_of_segment(k)[1] for k in await self._store.list(JOURNAL_PREFIX)]
+        return bool(seqs) and max(seqs) >= self._db.first_unshipped_seq() - 1
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            if await self._store_is_current():
+                self._need_snapshot = False
+                self._last_snapshot = trio.current_time()
+        except (StoreUnavailable, StorePermissionDenied) as exc:
+            log.warning("cannot list the metadata in the store: %s", exc)
         task_status.started()
         while True:
             await trio.sleep(self._journal_interval)
@@ -116,7 +132,10 @@ class MetadataReplicator:
             if overflow or len(self._pending) > MAX_PENDING_GROUPS:
                 self._pending = []  # a snapshot will carry all of it
                 self._need_snapshot = True
-            due = trio.current_time() - self._last_snapshot >= self._snapshot_interval
+            due = (
+                trio.current_time() - self._last_snapshot >= self._snapshot_interval
+                or self._segments_since_snapshot >= self._segments_per_snapshot
+            )
             if snapshot or self._need_snapshot or due:
                 await self._snapshot()
             elif self._pending:
@@ -130,6 +149,7 @@ class MetadataReplicator:
         await self._store.put(key, blob)
         self._pending = []
         self.shipped_seq = last
+        self._segments_since_snapshot += 1
 
     async def _snapshot(self) -> None:
         tmp = self._work_dir / f"snapshot-{secrets.token_hex(8)}.db"
@@ -144,6 +164,7 @@ class MetadataReplicator:
         self._pending = [g for g in self._pending if g[0] > seq]
         self._need_snapshot = False
         self._last_snapshot = trio.current_time()
+        self._segments_since_snapshot = 0
         self.shipped_seq = seq
         if self._pending:
             await self._segment()

@@ -130,6 +130,10 @@ class MetaDb:
 
     # --- replication (see metasync) ---------------------------------------------------------
 
+    def first_unshipped_seq(self) -> int:
+        """The commit sequence number of the oldest transaction not yet taken by take_journal."""
+        return self._journal[0][0] if self._journal else self.commit_seq + 1
+
     def take_journal(self) -> tuple[list[JournalGroup], bool]:
         """The committed transactions not yet handed out, and whether some were dropped
         (memory limit) so that only a full snapshot can bring a replica up to date."""
