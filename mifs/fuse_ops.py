@@ -46,6 +46,7 @@ ERRNO: dict[type[errors.FsError], int] = {
 }
 
 BLKSIZE = 1024 * 1024
+CAPABILITY_XATTR = b"security.capability"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -266,8 +267,15 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.fs.ns.setxattr(InodeId(inode), name, value)
 
-    @_handler()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # The kernel asks for security.capability before every write(2) (file_remove_privs):
+        # answer without touching the database while no file carries that attribute.
+        if name == CAPABILITY_XATTR and not self.fs.ns.capability_xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name)
+
+    @_handler()
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         return self.fs.ns.getxattr(InodeId(inode), name)
 
     @_handler()

@@ -231,6 +231,10 @@ def remove_xattr(db: MetaDb, inode: InodeId, name: bytes) -> bool:
     return db.write_count("DELETE FROM xattrs WHERE inode = ? AND name = ?", (inode, name)) > 0
 
 
+def xattr_name_in_use(db: MetaDb, name: bytes) -> bool:
+    return db.one("SELECT 1 FROM xattrs WHERE name = ? LIMIT 1", (name,)) is not None
+
+
 def list_xattrs(db: MetaDb, inode: InodeId) -> list[bytes]:
     return [bytes(r[0]) for r in db.all("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (inode,))]
 

@@ -38,6 +38,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 NewFileKey = Callable[[], tuple[FileId, bytes]]
+CAPABILITY_XATTR = b"security.capability"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Namespace:
         self._files = files
         self._new_file_key = new_file_key
         self._lookups: dict[InodeId, int] = {}
+        self.capability_xattrs = tables.xattr_name_in_use(db, CAPABILITY_XATTR)
+        """Whether any inode has a security.capability attribute (the kernel asks on every write)."""
 
     # --- bootstrap ----------------------------------------------------------------------------
 
@@ -357,6 +360,8 @@ class Namespace:
         if len(value) > XATTR_SIZE_MAX:
             raise AttributeTooLarge("xattr value too large")
         tables.set_xattr(self._db, inode, name, value)
+        if name == CAPABILITY_XATTR:
+            self.capability_xattrs = True
 
     def getxattr(self, inode: InodeId, name: bytes) -> bytes:
         self.getattr(inode)
