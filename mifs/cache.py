@@ -157,6 +157,11 @@ class ChunkCache:
         with self._lock:
             return self._dirty_bytes + size <= self.limit or self._dirty_bytes == 0
 
+    def dirs_pending(self) -> bool:
+        """Whether staged chunks were written whose directory entries are not yet fsynced."""
+        with self._lock:
+            return bool(self._dirs_to_sync)
+
     def sync_dirs_sync(self) -> None:
         """fsync the directories that gained staged chunks, so their names survive power loss."""
         with self._lock:

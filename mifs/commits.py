@@ -33,6 +33,8 @@ class Committer:
 
     async def commit_now(self) -> None:
         """Return once everything written to the metadata so far is durable."""
+        if not self._db.dirty and not self._cache.dirs_pending() and not self._lock.locked():
+            return  # nothing written since the last commit finished
         wanted = self._generation + 1
         async with self._lock:
             if self._done >= wanted:

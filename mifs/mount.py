@@ -257,6 +257,27 @@ def tune_malloc() -> None:
         pass
 
 
+def raise_readahead(real_mountpoint: str, kib: int = 1024) -> bool:
+    """Let the kernel read ahead 1 MiB on this mount (FUSE's default is 128 KiB): sequential
+    reads then arrive as 1 MiB requests, about 1.6x faster (FUSE-NOTES). Best effort, root.
+
+    Takes the mount point already resolved: resolving it now would stat the mount itself,
+    which from the daemon's own event loop would wait for itself forever.
+    """
+    real = real_mountpoint
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if fields[4].encode().decode("unicode_escape") == real:
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
+                        bdi.write(str(kib))
+                    return True
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def run_fusermount(mountpoint: Path, lazy: bool = False) -> str | None:
     """Unmount through fusermount3; returns None on success or its complaint."""
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
@@ -312,6 +333,7 @@ class Daemon:
         )
         self.finished = trio.Event()
         self.started = time.time()
+        self.real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting: see raise_readahead
         self.notifier = Notifier()
         self._unmount_requested = False
 
@@ -372,6 +394,8 @@ class Daemon:
 
     async def _probe_ready(self, ready: Callable[[], None]) -> None:
         await trio.to_thread.run_sync(os.statvfs, self.cfg.mountpoint)
+        if not await trio.to_thread.run_sync(raise_readahead, self.real_mountpoint):
+            log.info("could not raise the kernel read-ahead of the mount (not root?)")
         log.info("mounted archive %s at %s", self.archive.descriptor.archive_id_hex, self.cfg.mountpoint)
         ready()
         self.notifier.ready(f"mounted at {self.cfg.mountpoint}")
