@@ -141,6 +141,7 @@ class ChunkCache:
         self._write(key, blob, durable=True)
         with self._lock:
             self._add_dirty(key, len(blob))
+        self.evict_sync()  # uploaded chunks make room for staged ones
 
     def fill_sync(self, key: ObjectKey, blob: bytes) -> None:
         """Keep a copy of a chunk fetched from the store (not durable: the store has it)."""

@@ -226,6 +226,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     try:
         for reply in request(mountpoint, {"op": "umount", "wait": not args.no_wait}, timeout=None):
             if "progress" in reply:
+                if args.no_wait:
+                    continue
                 progress = reply["progress"]
                 print(f"mifs: waiting for {progress.get('pending_uploads')} uploads ({format_size(progress.get('pending_bytes') or 0)})", file=sys.stderr)
             else:

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import math
 import logging.handlers
 import os
 import shutil
@@ -415,10 +416,15 @@ class Daemon:
             await self.committer.commit_now()
             await self.uploader.wait_idle()
             await self.committer.commit_now()
-        try:
-            await self.replicator.ship(snapshot=True)
-        except (StoreUnavailable, OSError) as exc:
-            log.error("could not store the final metadata snapshot: %s", exc)
+        # With --no-wait (or a store that refuses us) the final snapshot is best effort: the
+        # journal segments already shipped and the next mount's snapshot cover it.
+        with trio.move_on_after(math.inf if self.cfg.wait_uploads_on_exit else 5.0) as scope:
+            try:
+                await self.replicator.ship(snapshot=True)
+            except (StoreUnavailable, StorePermissionDenied, OSError) as exc:
+                log.error("could not store the final metadata snapshot: %s", exc)
+        if scope.cancelled_caught:
+            log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
         up = self.uploader.statistics()
         return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
 

@@ -54,7 +54,7 @@ class Uploader:
         self._workers = workers
         self._queue: collections.deque[ObjectKey] = collections.deque()
         self._queued: dict[ObjectKey, tuple[int, float]] = {}  # key -> (size, enqueue time)
-        self._in_flight: set[ObjectKey] = set()
+        self._in_flight: dict[ObjectKey, tuple[int, float]] = {}  # key -> (size, enqueue time)
         self._awaiting_commit: list[ObjectKey] = []
         self._wakeup = trio.Event()
         self._gc_wakeup = trio.Event()
@@ -108,10 +108,10 @@ class Uploader:
 
     def statistics(self) -> UploaderStatistics:
         now = time.monotonic()
-        pending = dict(self._queued)
+        pending = {**self._queued, **self._in_flight}
         oldest = min((t for _, t in pending.values()), default=now)
         return UploaderStatistics(
-            pending_uploads=len(pending) + len(self._in_flight),
+            pending_uploads=len(pending),
             pending_bytes=sum(size for size, _ in pending.values()),
             oldest_pending_age=now - oldest,
             uploaded_objects=self._uploaded_objects,
@@ -135,7 +135,7 @@ class Uploader:
             self._wakeup = trio.Event()
             await self._wakeup.wait()
         key = self._queue.popleft()
-        self._in_flight.add(key)
+        self._in_flight[key] = self._queued.get(key, (0, time.monotonic()))
         return key
 
     async def _worker(self) -> None:
@@ -148,10 +148,10 @@ class Uploader:
                 log.exception("upload of object %s failed unexpectedly; retrying later", key)
                 self._last_error = f"upload of {key}: {exc.__class__.__name__}"
                 await trio.sleep(5)
-                self._in_flight.discard(key)
+                self._in_flight.pop(key, None)
                 self.enqueue(key, 0)
             finally:
-                self._in_flight.discard(key)
+                self._in_flight.pop(key, None)
 
     async def _adopt(self, key: ObjectKey) -> int | None:
         """Hand the staged file itself to a store on the same disk; its size, or None."""

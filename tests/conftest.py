@@ -12,13 +12,13 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mifs_e2e import Archive  # noqa: E402
+from mifs_e2e import Archive, s3_env  # noqa: E402
 
 # Any single e2e test that runs longer than this is stuck: its mount is torn down so that
 # the blocked system call fails and the test reports instead of hanging CI.
@@ -28,6 +28,7 @@ TEST_TIMEOUT = float(os.environ.get("MIFS_TEST_TIMEOUT", "300"))
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "chunk_size(size): `mifs init --chunk-size size` for the archive fixture")
     config.addinivalue_line("markers", "expect_log(*regexes): daemon log lines this test expects (allowed)")
+    config.addinivalue_line("markers", "s3_own_bucket: the s3_archive fixture makes a bucket of its own for the test")
 
 
 def fuse_available() -> str | None:
@@ -48,12 +49,26 @@ def archive(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Archive]
     arc = Archive(tmp_path / "archive")
     marker = request.node.get_closest_marker("chunk_size")
     arc.init(chunk_size=marker.args[0] if marker else None)
+    yield from managed_archive(arc, request)
+
+
+def managed_archive(
+    arc: Archive, request: pytest.FixtureRequest, before_teardown: Callable[[], None] | None = None
+) -> Iterator[Archive]:
+    """Yield an initialised archive under the e2e guarantees: a watchdog while the test runs,
+    then umount of every live mount (asserted), no daemon or mount left behind, no unexpected
+    daemon log lines. before_teardown runs first (e.g. bring a stopped store back)."""
     arc.start_watchdog(TEST_TIMEOUT)
     problems: list[str] = []
     try:
         yield arc
     finally:
         arc.stop_watchdog()
+        if before_teardown is not None:
+            try:
+                before_teardown()
+            except Exception as exc:  # noqa: BLE001 - reported below, cleanup goes on
+                problems.append(f"preparing the teardown failed: {exc!r}")
         for mountpoint, _cache in list(arc.mounts):
             try:
                 arc.umount(mountpoint)
@@ -109,3 +124,45 @@ def _s3_server_reaper() -> _S3Iterator[None]:
     """Stops the session's SeaweedFS process at the end, whoever started it."""
     yield
     _s3server.close_shared_server()
+
+
+@pytest.fixture
+def s3_archive(tmp_path: Path, request: pytest.FixtureRequest, s3_server: _s3server.SeaweedS3) -> Iterator[Archive]:
+    """A fresh archive in the SeaweedFS server (`mifs init s3://BUCKET/PREFIX --endpoint-url
+    URL`, admin credentials in the environment of every CLI call), not mounted.
+
+    A fresh prefix in a bucket shared by the session, or with @pytest.mark.s3_own_bucket a
+    bucket of its own. arc.s3_bucket / arc.s3_prefix name it. A test that stopped the server
+    and failed gets it started again before its mounts are unmounted (an unmount waits for
+    the uploads). Marker chunk_size as for `archive`.
+    """
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    own = request.node.get_closest_marker("s3_own_bucket") is not None
+    bucket = s3_server.new_bucket("mifs-e2e") if own else s3_server.session_bucket("mifs-e2e")
+    prefix = s3_server.unique_prefix("arc")
+    arc = Archive(
+        tmp_path / "archive",
+        store_url=f"s3://{bucket}/{prefix}",
+        store_flags=["--endpoint-url", s3_server.endpoint_url],
+        env=s3_env(s3_server.access_key, s3_server.secret_key, s3_server.region),
+    )
+    arc.s3_bucket, arc.s3_prefix = bucket, prefix
+    marker = request.node.get_closest_marker("chunk_size")
+    arc.init(chunk_size=marker.args[0] if marker else None)
+
+    def server_running() -> None:
+        s3_server.start()  # no-op if it runs
+
+    yield from managed_archive(arc, request, before_teardown=server_running)
+
+
+@pytest.fixture
+def s3_mounted(s3_archive: Archive) -> Iterator[Archive]:
+    """The S3 archive mounted with default flags; teardown as for `mounted`."""
+    s3_archive.mount()
+    yield s3_archive
+    s3_archive.stop_watchdog()
+    if any(m == s3_archive.mountpoint for m, _ in s3_archive.mounts):
+        s3_archive.umount()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import faulthandler
 import hashlib
+import json
 import mmap
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -22,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -61,24 +63,28 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
 # --- running the CLI ----------------------------------------------------------------------
 
 
-def mifs_env() -> dict[str, str]:
-    """The environment for `python -m mifs`: this checkout first on the import path."""
+def mifs_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for `python -m mifs`: this checkout first on the import path, plus
+    `extra` (for example S3 credentials; a daemon started by `mifs mount` inherits them)."""
     env = dict(os.environ)
     paths = [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra or {})
     return env
 
 
-def run_mifs(*args: object, timeout: float = CLI_TIMEOUT, cwd: Path | str = "/") -> subprocess.CompletedProcess[str]:
+def run_mifs(
+    *args: object, timeout: float = CLI_TIMEOUT, cwd: Path | str = "/", env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m mifs ARGS` (from / unless told) and return its exit code and output.
 
     Output goes to anonymous files, not pipes, so a daemon that keeps the inherited stdout
-    open cannot make us wait forever.
+    open cannot make us wait forever. `env`: variables added to the environment.
     """
     argv = [sys.executable, "-m", "mifs", *(str(a) for a in args)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=mifs_env(), cwd=cwd
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=mifs_env(env), cwd=cwd
         )
         try:
             returncode = proc.wait(timeout=timeout)
@@ -95,6 +101,18 @@ def run_mifs(*args: object, timeout: float = CLI_TIMEOUT, cwd: Path | str = "/")
         return subprocess.CompletedProcess(
             argv, returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
         )
+
+
+def s3_env(access_key: str, secret_key: str, region: str) -> dict[str, str]:
+    """Environment for a CLI call that reaches an S3 store with these credentials (boto3's
+    standard chain; `mifs mount` passes it on to its daemon)."""
+    return {
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_REGION": region,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance role
+    }
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:
@@ -415,11 +433,27 @@ class Archive:
     Every CLI call goes through `run_cli`; `mount`/`umount` assert the contract (the mount is
     live when `mifs mount` returns, the daemon is gone when `mifs umount` returns) and
     `force_cleanup` leaves no mount or daemon behind whatever state the test left.
+
+    The store is the directory BASE/store unless `store_url` names another one (for example
+    s3://bucket/prefix); `store_flags` go to every init/mount/status (for example
+    --endpoint-url URL) and `env` into the environment of every CLI call (credentials).
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        store_url: str | None = None,
+        store_flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.base = base
         self.store = base / "store"
+        self.store_url: str | Path = store_url if store_url is not None else self.store
+        self.store_flags: list[str] = list(store_flags)
+        self.env: dict[str, str] = dict(env or {})
+        self.s3_bucket: str | None = None  # for S3 stores, set by whoever made the archive
+        self.s3_prefix = ""
         self.key_file = base / "key"
         self.cache_dir = base / "cache"
         self.mountpoint = base / "mnt"
@@ -428,8 +462,11 @@ class Archive:
         self.cache_dir.mkdir(mode=0o700, exist_ok=True)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self.mount_options: tuple[str, ...] = ()
+        self.mount_flags: tuple[str, ...] = ()  # extra `mifs mount` flags of the last mount()
+        self.mount_env: dict[str, str] = {}  # extra environment of the last mount()
         self.mounts: list[tuple[Path, Path]] = []  # (mountpoint, cache_dir) of live mounts
         self.cache_dirs: list[Path] = [self.cache_dir]
+        self.saved_logs: list[Path] = []  # daemon logs moved out of wiped cache dirs
         self.watchdog_fired = False
         self._watchdog: threading.Timer | None = None
 
@@ -456,22 +493,29 @@ class Archive:
 
     # CLI ----------------------------------------------------------------------------------
 
-    def run_cli(self, *args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return run_mifs(*args, timeout=timeout)
+    def run_cli(
+        self, *args: object, timeout: float = CLI_TIMEOUT, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run_mifs(*args, timeout=timeout, env={**self.env, **(env or {})})
 
-    def init(self, chunk_size: str | None = None) -> subprocess.CompletedProcess[str]:
+    def init(self, chunk_size: str | None = None, *, flags: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         extra = ["--chunk-size", chunk_size] if chunk_size else []
-        result = self.run_cli("init", self.store, "--key-file", self.key_file, *extra)
+        result = self.run_cli("init", self.store_url, "--key-file", self.key_file, *extra, *self.store_flags, *flags)
         assert result.returncode == 0, describe(result)
         if chunk_size:
             self.chunk_size = parse_size(chunk_size)
         return result
 
     def mount_args(
-        self, mountpoint: Path, cache_dir: Path, options: Sequence[str], key_file: Path | None
+        self,
+        mountpoint: Path,
+        cache_dir: Path,
+        options: Sequence[str],
+        key_file: Path | None,
+        flags: Sequence[str] = (),
     ) -> list[object]:
-        args: list[object] = ["mount", self.store, mountpoint, "--key-file", key_file or self.key_file,
-                              "--cache-dir", cache_dir]
+        args: list[object] = ["mount", self.store_url, mountpoint, "--key-file", key_file or self.key_file,
+                              "--cache-dir", cache_dir, *self.store_flags, *flags]
         if options:
             args += ["-o", ",".join(options)]
         return args
@@ -483,26 +527,41 @@ class Archive:
         mountpoint: Path | None = None,
         cache_dir: Path | None = None,
         key_file: Path | None = None,
+        flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run `mifs mount` and return the result; records a live mount for cleanup."""
+        """Run `mifs mount` and return the result; records a live mount for cleanup.
+
+        flags: extra command-line flags (--cache-size 8MiB, --sync-uploads, ...); env: extra
+        environment for the CLI and so for the daemon it starts."""
         mountpoint = mountpoint or self.mountpoint
         cache_dir = cache_dir or self.cache_dir
         if cache_dir not in self.cache_dirs:
             self.cache_dirs.append(cache_dir)
-        result = self.run_cli(*self.mount_args(mountpoint, cache_dir, options, key_file))
+        result = self.run_cli(*self.mount_args(mountpoint, cache_dir, options, key_file, flags), env=env)
         if is_fuse_mounted(mountpoint) and (mountpoint, cache_dir) not in self.mounts:
             self.mounts.append((mountpoint, cache_dir))
         return result
 
-    def mount(self, *, options: Sequence[str] = (), **kwargs: Path) -> None:
-        """Mount and assert that the mount is live as soon as `mifs mount` has returned."""
+    def mount(
+        self,
+        *,
+        options: Sequence[str] = (),
+        flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        **kwargs: Path,
+    ) -> None:
+        """Mount and assert that the mount is live as soon as `mifs mount` has returned.
+        remount() repeats the options, flags and env of the last call."""
         mountpoint = kwargs.get("mountpoint") or self.mountpoint
-        result = self.try_mount(options=options, **kwargs)
+        result = self.try_mount(options=options, flags=flags, env=env, **kwargs)
         assert "Traceback" not in result.stderr, describe(result)
         assert result.returncode == 0, describe(result)
         assert is_fuse_mounted(mountpoint), f"mount returned 0 but {mountpoint} is not a FUSE mount\n{describe(result)}"
         assert os.path.ismount(mountpoint), f"{mountpoint} is not usable after mount returned"
         self.mount_options = tuple(options)
+        self.mount_flags = tuple(flags)
+        self.mount_env = dict(env or {})
 
     def umount(self, mountpoint: Path | None = None) -> None:
         """`mifs umount`; assert exit 0, the mount gone and the daemon exited."""
@@ -521,7 +580,7 @@ class Archive:
 
     def remount(self) -> None:
         self.umount()
-        self.mount(options=self.mount_options)
+        self.mount(options=self.mount_options, flags=self.mount_flags, env=self.mount_env)
 
     def check_across_remount(self, check: Callable[[], None]) -> None:
         """Run `check` on the live mount, remount, and run it again."""
@@ -531,6 +590,37 @@ class Archive:
 
     def status(self, target: Path | None = None) -> subprocess.CompletedProcess[str]:
         return self.run_cli("status", target or self.mountpoint, "--json")
+
+    def status_json(self, target: Path | None = None) -> dict[str, Any]:
+        """`mifs status MP --json` of a live mount, parsed; asserts that it succeeded."""
+        result = self.status(target)
+        assert result.returncode == 0, describe(result)
+        try:
+            value = json.loads(result.stdout)
+        except ValueError:
+            raise AssertionError(f"status --json printed no JSON\n{describe(result)}") from None
+        assert isinstance(value, dict) and value.get("mounted") is True, f"not a live mount:\n{describe(result)}"
+        return value
+
+    def wait_status(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float, what: str, interval: float = 0.2
+    ) -> dict[str, Any]:
+        """Poll `mifs status --json` until `condition(status)`; the status that satisfied it.
+        A timeout reports the last status seen."""
+        seen: list[dict[str, Any]] = []
+
+        def check() -> dict[str, Any] | None:
+            status = self.status_json()
+            seen[:] = [status]
+            return status if condition(status) else None
+
+        try:
+            status: dict[str, Any] | None = wait_until(check, timeout, what, interval)
+        except AssertionError as exc:
+            last = json.dumps(seen[0], sort_keys=True) if seen else "(none)"
+            raise AssertionError(f"{exc}; last status: {last}") from None
+        assert status is not None
+        return status
 
     # processes and crashes ----------------------------------------------------------------
 
@@ -571,7 +661,21 @@ class Archive:
     # logs ---------------------------------------------------------------------------------
 
     def log_files(self) -> list[Path]:
-        return [c / "mifs.log" for c in self.cache_dirs if (c / "mifs.log").exists()]
+        return self.saved_logs + [c / "mifs.log" for c in self.cache_dirs if (c / "mifs.log").exists()]
+
+    def wipe_cache(self, cache_dir: Path | None = None) -> None:
+        """Delete a cache dir of an unmounted archive (lost or replaced disk). Its daemon log
+        is kept aside first, so the end-of-test log check still sees it."""
+        cache_dir = cache_dir or self.cache_dir
+        assert not any(c == cache_dir for _, c in self.mounts), f"{cache_dir} is in use by a mount"
+        assert not daemon_pids(cache_dir), f"a daemon still uses {cache_dir}"
+        log = cache_dir / "mifs.log"
+        if log.exists():
+            kept = self.base / "logs" / f"mifs-{len(self.saved_logs)}.log"
+            kept.parent.mkdir(exist_ok=True)
+            os.replace(log, kept)
+            self.saved_logs.append(kept)
+        shutil.rmtree(cache_dir)
 
     def unexpected_log_lines(self, allowed: Sequence[re.Pattern[str]]) -> list[str]:
         """Traceback/ERROR/WARNING lines no `allowed` pattern matches (with traceback context)."""

@@ -111,6 +111,11 @@ class RetryingStore:
         cap = min(self.max_delay, self.base_delay * 2.0 ** (retry_number - 1))
         return self._rng.uniform(0.0, cap)
 
+    async def call(self, op: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run another operation of the inner store (access check, bucket creation) under the
+        same retry policy."""
+        return await self._retry(op, "-", call)
+
     async def _retry(self, op: str, key: str, call: Callable[[], Awaitable[_T]]) -> _T:
         value, _ = await self._retry_noting_failures(op, key, call)
         return value

@@ -91,8 +91,9 @@ async def open_store(
             )
         except ValueError as exc:
             raise UserError(f"invalid S3 settings: {exc}", EXIT_BAD_STORE_URL) from None
+        retrying = RetryingStore(backend, max_attempts=None, deadline=RETRY_DEADLINE, base_delay=0.2, max_delay=10.0)
         if create_bucket:
-            await backend.create_bucket()
-        await backend.check_access()
-        inner = backend
+            await retrying.call("create bucket", backend.create_bucket)
+        await retrying.call("access check", backend.check_access)
+        return retrying
     return RetryingStore(inner, max_attempts=None, deadline=RETRY_DEADLINE, base_delay=0.2, max_delay=10.0)
