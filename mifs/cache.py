@@ -85,6 +85,7 @@ class ChunkCache:
                     self._add_dirty(key, size)
                 else:
                     self._add_clean(key, size)
+        self.evict_sync()  # the limit (or keep_uploaded) may have changed since the last mount
 
     # The four helpers below run with self._lock held.
     def _add_clean(self, key: ObjectKey, size: int) -> None:
