@@ -30,15 +30,12 @@ from mifs.config import (
 )
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
-from mifs.errors import ArchiveExists, KeyFileError, MifsError, StoreNotFound, StorePermissionDenied, StoreUnavailable, UserError
+from mifs.errors import MifsError, UserError
 from mifs.metadb import tables
 from mifs.mount import (
-    EXIT_ARCHIVE,
     EXIT_DAEMON,
     EXIT_INTERNAL,
-    EXIT_KEY,
     EXIT_MOUNTPOINT,
-    EXIT_STORE,
     EXIT_USAGE,
     default_cache_dir,
     default_key_file,
@@ -145,12 +142,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise
         return desc.archive_id_hex, target
 
-    try:
-        archive_id, target = trio.run(run)
-    except ArchiveExists as exc:
-        raise UserError(str(exc), EXIT_ARCHIVE) from None
-    except (StoreNotFound, StoreUnavailable, StorePermissionDenied) as exc:
-        raise UserError(str(exc), EXIT_STORE) from None
+    archive_id, target = trio.run(run)  # domain errors become exit codes in main (translate)
     print(f"created archive {archive_id} in {location}")
     print(f"chunk size: {format_size(chunk_size)}")
     if existing_key:
@@ -343,9 +335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"mifs: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyFileError as exc:
-        print(f"mifs: error: {exc}", file=sys.stderr)
-        return EXIT_KEY
     except MifsError as exc:
         err = translate(exc)
         print(f"mifs: error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ from mifs.control_server import ControlServer
 from mifs.crypto.keyring import MasterKey, load_key_file
 from mifs.errors import (
     ArchiveCorrupt,
+    ArchiveExists,
     KeyFileError,
     StoreNotFound,
     StorePermissionDenied,
@@ -99,6 +100,7 @@ def translate(exc: Exception) -> UserError:
         return exc
     table: list[tuple[type[Exception], int]] = [
         (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (StorePermissionDenied, EXIT_STORE), (WrongKey, EXIT_KEY),
+        (ArchiveExists, EXIT_ARCHIVE),
         (KeyFileError, EXIT_KEY), (ArchiveCorrupt, EXIT_ARCHIVE), (DatabaseTooNew, EXIT_ARCHIVE),
     ]
     for cls, code in table:
@@ -174,19 +176,25 @@ def check_fuse_available() -> None:
         raise UserError("fusermount3 is not installed (apt-get install fuse3)", EXIT_FUSE)
 
 
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
-    real = os.path.realpath(path)
+def _mountinfo_entry(real_path: str) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the mount at an already resolved path, or None.
+
+    Never stats the path: callers inside the daemon must not touch their own mount."""
     try:
         with open("/proc/self/mountinfo") as fh:
             for line in fh:
                 fields = line.split()
-                point = fields[4].encode().decode("unicode_escape")
-                if point == real:
-                    return fields[fields.index("-") + 1]
+                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == real_path:
+                    return fields
     except OSError:
         return None
     return None
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
+    fields = _mountinfo_entry(os.path.realpath(path))
+    return fields[fields.index("-") + 1] if fields else None
 
 
 def check_mountpoint(path: Path) -> None:
@@ -265,18 +273,15 @@ def raise_readahead(real_mountpoint: str, kib: int = 1024) -> bool:
     Takes the mount point already resolved: resolving it now would stat the mount itself,
     which from the daemon's own event loop would wait for itself forever.
     """
-    real = real_mountpoint
+    fields = _mountinfo_entry(real_mountpoint)
+    if fields is None:
+        return False
     try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if fields[4].encode().decode("unicode_escape") == real:
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
-                        bdi.write(str(kib))
-                    return True
-    except (OSError, IndexError):
-        pass
-    return False
+        with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
+            bdi.write(str(kib))
+    except OSError:
+        return False
+    return True
 
 
 def run_fusermount(mountpoint: Path, lazy: bool = False) -> str | None:
