@@ -2,9 +2,11 @@
 
 Must not see plaintext or keys: it stores exactly the bytes that go to the store, so a stolen
 cache disk is as unreadable as the bucket. Staged chunks (not yet in the store) are "dirty"
-and never evicted; uploaded ones are "clean" and evicted least recently used first once the
-cache is over its size limit. All methods are synchronous and thread-safe: callers run them in
-worker threads.
+and never evicted; uploaded ones are "clean" and evicted once the cache is over its size limit.
+Eviction works on units: the chunks of one study (a group, by the study index's numeric id,
+never a UID) leave together, least recently used study first; a chunk outside any study is a
+unit of its own. Pinned groups are never evicted. All methods are synchronous and thread-safe:
+callers run them in worker threads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable, Iterable
 
 from mifs.localfs import fsync_dir
 from mifs.types import ObjectKey
@@ -34,6 +37,22 @@ class CacheStatistics:
     hits: int
     misses: int
     evictions: int
+    pinned_bytes: int
+
+
+GroupId = int
+Unit = Hashable
+"""An eviction unit: a GroupId for the chunks of one study, the ObjectKey itself otherwise."""
+
+
+@dataclass
+class _Entry:
+    size: int
+    dirty: bool
+    group: GroupId | None
+
+    def unit(self, key: ObjectKey) -> Unit:
+        return self.group if self.group is not None else key
 
 
 class ChunkCache:
@@ -45,10 +64,13 @@ class ChunkCache:
         self.limit = limit_bytes
         self.keep_uploaded = keep_uploaded
         self._lock = threading.Lock()
-        self._clean: OrderedDict[ObjectKey, int] = OrderedDict()
-        self._dirty: dict[ObjectKey, int] = {}
+        self._entries: dict[ObjectKey, _Entry] = {}
+        self._lru: OrderedDict[Unit, set[ObjectKey]] = OrderedDict()  # clean members, oldest unit first
+        self._group_bytes: dict[GroupId, int] = {}  # clean and dirty bytes per group
+        self._pinned: set[GroupId] = set()
         self._clean_bytes = 0
         self._dirty_bytes = 0
+        self._pinned_clean_bytes = 0
         self._dirs_to_sync: set[Path] = set()
         self._known_dirs: set[Path] = set()
         self.hits = 0
@@ -64,11 +86,12 @@ class ChunkCache:
     def file_path(self, key: ObjectKey) -> Path | None:
         """Where a cached chunk lives on disk (for stores that can adopt local files)."""
         with self._lock:
-            known = key in self._clean or key in self._dirty
+            known = key in self._entries
         return self._path(key) if known else None
 
-    def scan_sync(self, dirty_keys: set[ObjectKey]) -> None:
-        """Rebuild the index from disk at mount; `dirty_keys` are the staged ones (from metadb)."""
+    def scan_sync(self, dirty_keys: set[ObjectKey], group_of: Callable[[ObjectKey], GroupId | None] = lambda _: None) -> None:
+        """Rebuild the index from disk at mount; `dirty_keys` are the staged ones (from metadb),
+        `group_of` tells which study a chunk belongs to. Access times order the units."""
         for entry in os.scandir(self.tmp):
             os.unlink(entry.path)
         found: list[tuple[float, ObjectKey, int]] = []
@@ -79,32 +102,65 @@ class ChunkCache:
                 st = entry.stat()
                 found.append((st.st_atime, ObjectKey(f"data/{sub.name}/{entry.name}"), st.st_size))
         found.sort()
+        groups = {key: group_of(key) for _, key, _ in found}
         with self._lock:
             for _, key, size in found:
-                if key in dirty_keys:
-                    self._add_dirty(key, size)
-                else:
-                    self._add_clean(key, size)
+                self._add(key, size, key in dirty_keys, groups[key])
         self.evict_sync()  # the limit (or keep_uploaded) may have changed since the last mount
 
-    # The four helpers below run with self._lock held.
-    def _add_clean(self, key: ObjectKey, size: int) -> None:
+    # The helpers below run with self._lock held.
+    def _add(self, key: ObjectKey, size: int, dirty: bool, group: GroupId | None) -> None:
         self._pop(key)
-        self._clean[key] = size
-        self._clean_bytes += size
+        entry = self._entries[key] = _Entry(size, dirty, group)
+        if group is not None:
+            self._group_bytes[group] = self._group_bytes.get(group, 0) + size
+        if dirty:
+            self._dirty_bytes += size
+        else:
+            self._link_clean(key, entry)
 
-    def _add_dirty(self, key: ObjectKey, size: int) -> None:
-        self._pop(key)
-        self._dirty[key] = size
-        self._dirty_bytes += size
+    def _link_clean(self, key: ObjectKey, entry: _Entry) -> None:
+        unit = entry.unit(key)
+        members = self._lru.get(unit)
+        if members is None:
+            members = self._lru[unit] = set()
+        members.add(key)
+        self._lru.move_to_end(unit)
+        self._clean_bytes += entry.size
+        if entry.group in self._pinned:
+            self._pinned_clean_bytes += entry.size
 
-    def _pop(self, key: ObjectKey) -> None:
-        size = self._clean.pop(key, None)
-        if size is not None:
-            self._clean_bytes -= size
-        size = self._dirty.pop(key, None)
-        if size is not None:
-            self._dirty_bytes -= size
+    def _unlink_clean(self, key: ObjectKey, entry: _Entry) -> None:
+        unit = entry.unit(key)
+        members = self._lru.get(unit)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self._lru[unit]
+        self._clean_bytes -= entry.size
+        if entry.group in self._pinned:
+            self._pinned_clean_bytes -= entry.size
+
+    def _pop(self, key: ObjectKey) -> _Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        if entry.group is not None:
+            left = self._group_bytes[entry.group] - entry.size
+            if left:
+                self._group_bytes[entry.group] = left
+            else:
+                del self._group_bytes[entry.group]
+        if entry.dirty:
+            self._dirty_bytes -= entry.size
+        else:
+            self._unlink_clean(key, entry)
+        return entry
+
+    def _touch(self, key: ObjectKey) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and not entry.dirty:
+            self._lru.move_to_end(entry.unit(key))
 
     def _write(self, key: ObjectKey, blob: bytes, durable: bool) -> None:
         path = self._path(key)
@@ -137,27 +193,27 @@ class ChunkCache:
             with self._lock:
                 self._dirs_to_sync.add(self.root)
 
-    def stage_sync(self, key: ObjectKey, blob: bytes) -> None:
+    def stage_sync(self, key: ObjectKey, blob: bytes, group: GroupId | None = None) -> None:
         """Keep a sealed chunk that is not yet in the store; durable once sync_dirs_sync ran."""
         self._write(key, blob, durable=True)
         with self._lock:
-            self._add_dirty(key, len(blob))
+            self._add(key, len(blob), True, group)
         self.evict_sync()  # uploaded chunks make room for staged ones
 
-    def fill_sync(self, key: ObjectKey, blob: bytes) -> None:
+    def fill_sync(self, key: ObjectKey, blob: bytes, group: GroupId | None = None) -> None:
         """Keep a copy of a chunk fetched from the store (not durable: the store has it)."""
         if not self.keep_uploaded:
             return
         self._write(key, blob, durable=False)
         with self._lock:
-            self._add_clean(key, len(blob))
+            self._add(key, len(blob), False, group)
         self.evict_sync()
 
     def has_room_for_dirty(self, size: int) -> bool:
         """Whether `size` more bytes of staged (not yet uploaded) data fit under the limit;
-        clean chunks do not count, they are evicted to make room."""
+        clean unpinned chunks do not count, they are evicted to make room."""
         with self._lock:
-            return self._dirty_bytes + size <= self.limit or self._dirty_bytes == 0
+            return self._dirty_bytes + self._pinned_clean_bytes + size <= self.limit or self._dirty_bytes == 0
 
     def dirs_pending(self) -> bool:
         """Whether staged chunks were written whose directory entries are not yet fsynced."""
@@ -172,32 +228,38 @@ class ChunkCache:
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
 
-    def read_sync(self, key: ObjectKey) -> bytes | None:
+    def read_sync(self, key: ObjectKey, *, touch: bool = True) -> bytes | None:
+        """A cached chunk's bytes, or None. touch=False for internal reads (uploads) that must
+        not count as use."""
         try:
             with open(self._path(key), "rb") as fh:
                 blob = fh.read()
         except FileNotFoundError:
             with self._lock:
-                self.misses += 1
-                if key in self._clean:
+                if touch:
+                    self.misses += 1
+                entry = self._entries.get(key)
+                if entry is not None and not entry.dirty:
                     self._pop(key)
             return None
-        with self._lock:
-            self.hits += 1
-            if key in self._clean:
-                self._clean.move_to_end(key)
+        if touch:
+            with self._lock:
+                self.hits += 1
+                self._touch(key)
         return blob
 
     def contains(self, key: ObjectKey) -> bool:
         with self._lock:
-            return key in self._clean or key in self._dirty
+            return key in self._entries
 
     def mark_clean_sync(self, key: ObjectKey) -> None:
         """The chunk is safely in the store: it may now be evicted."""
         with self._lock:
-            size = self._dirty.get(key)
-            if size is not None:
-                self._add_clean(key, size)
+            entry = self._entries.get(key)
+            if entry is not None and entry.dirty:
+                entry.dirty = False
+                self._dirty_bytes -= entry.size
+                self._link_clean(key, entry)
         self.evict_sync()
 
     def discard_sync(self, key: ObjectKey) -> None:
@@ -208,23 +270,80 @@ class ChunkCache:
         except FileNotFoundError:
             pass
 
+    # --- study groups ---------------------------------------------------------------------------
+
+    def assign_group(self, keys: Iterable[ObjectKey], group: GroupId | None) -> None:
+        """These chunks belong to study `group` now (or to none): they are evicted with it."""
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.group == group:
+                    continue
+                self._pop(key)
+                self._add(key, entry.size, entry.dirty, group)
+
+    def set_pinned(self, groups: Iterable[GroupId]) -> None:
+        """The groups that must never be evicted (replaces the previous set)."""
+        with self._lock:
+            self._pinned = set(groups)
+            self._pinned_clean_bytes = sum(
+                e.size for e in self._entries.values() if not e.dirty and e.group in self._pinned
+            )
+        self.evict_sync()
+
+    def group_bytes(self, group: GroupId) -> int:
+        """Bytes of the group's chunks in the cache (staged and uploaded)."""
+        with self._lock:
+            return self._group_bytes.get(group, 0)
+
+    def touch_group(self, group: GroupId) -> None:
+        """The study is in use: evict it last."""
+        with self._lock:
+            if group in self._lru:
+                self._lru.move_to_end(group)
+
+    # --- eviction ---------------------------------------------------------------------------
+
+    def _victims(self) -> list[ObjectKey]:
+        """Clean chunks to drop next (lock held): every clean chunk when uploaded copies are not
+        kept; otherwise the least recently used unpinned unit as a whole, and only when nothing
+        else is left, single chunks of the most recently used unit (a study larger than the
+        cache must not evict itself wholesale while it is being read)."""
+        if not self._lru:
+            return []
+        if not self.keep_uploaded:
+            return [k for members in self._lru.values() for k in members]
+        if self._clean_bytes + self._dirty_bytes <= self.limit:
+            return []
+        newest = next(reversed(self._lru))
+        for unit, members in self._lru.items():
+            if unit in self._pinned or unit == newest:
+                continue
+            return list(members)
+        if newest not in self._pinned:
+            return [next(iter(self._lru[newest]))]
+        return []
+
     def evict_sync(self) -> None:
         while True:
             with self._lock:
-                over = self._clean_bytes + self._dirty_bytes > self.limit or not self.keep_uploaded
-                if not over or not self._clean:
-                    return
-                key, size = self._clean.popitem(last=False)
-                self._clean_bytes -= size
-                self.evictions += 1
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                pass
+                victims = self._victims()
+                for key in victims:
+                    self._pop(key)
+                self.evictions += len(victims)
+            if not victims:
+                return
+            for key in victims:
+                try:
+                    os.unlink(self._path(key))
+                except FileNotFoundError:
+                    pass
 
     def statistics(self) -> CacheStatistics:
         with self._lock:
             clean, dirty = self._clean_bytes, self._dirty_bytes
             return CacheStatistics(
-                clean + dirty, self.limit, dirty, len(self._clean), len(self._dirty), self.hits, self.misses, self.evictions
+                clean + dirty, self.limit, dirty, sum(len(m) for m in self._lru.values()),
+                sum(1 for e in self._entries.values() if e.dirty), self.hits, self.misses, self.evictions,
+                self._pinned_clean_bytes,
             )

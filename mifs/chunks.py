@@ -2,7 +2,10 @@
 
 Must not know POSIX semantics (sizes, handles, directories; vfs does) and never writes
 plaintext anywhere but memory. Sealing and opening run in worker threads under one limiter;
-store fetches are single-flight (two readers of one chunk cause one GET) and bounded in time.
+store fetches are single-flight (two readers of one chunk, or a reader and the study
+prefetcher, cause one GET), authenticated before they enter the cache, and bounded in time.
+Every chunk entering the cache is tagged with its study (the index's numeric id) so the cache
+can evict and pin by study.
 
 Cancellation: a cancelled write_chunk may leave a staged object that no row refers to (it is
 harmless and never uploaded); a cancelled read leaves nothing behind.
@@ -21,8 +24,17 @@ import trio
 from mifs.cache import ChunkCache
 from mifs.crypto import envelope
 from mifs.crypto.keyring import MasterKey
-from mifs.errors import DataUnavailable, IntegrityError, LocalIOError, NoSpace, ObjectNotFound, StorePermissionDenied, StoreUnavailable
-from mifs.metadb import tables
+from mifs.errors import (
+    DataUnavailable,
+    IntegrityError,
+    LocalIOError,
+    NoSpace,
+    NotCached,
+    ObjectNotFound,
+    StorePermissionDenied,
+    StoreUnavailable,
+)
+from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
 from mifs.store.base import ObjectStore
 from mifs.types import ArchiveId, FileId, InodeId, ObjectKey
@@ -80,6 +92,14 @@ class PlaintextCache:
             self._bytes -= len(old)
 
 
+@dataclass
+class _StoreFetch:
+    """One GET in flight; waiters take its plaintext, or try themselves if it failed."""
+
+    done: trio.Event
+    plaintext: bytes | None = None
+
+
 class DataPath:
     def __init__(
         self,
@@ -95,7 +115,10 @@ class DataPath:
         fetch_timeout: float = 60.0,
         staging_timeout: float = 120.0,
         crypto_threads: int = 4,
+        store_is_local: bool = False,
     ) -> None:
+        """store_is_local: the store is a directory on this host, so a "store fetch" costs no
+        more than a cache read (local-only reads may use it)."""
         self._kek = kek
         self._archive_id = archive_id
         self._db = db
@@ -109,6 +132,10 @@ class DataPath:
         self.staging_waits = 0
         self._crypto = trio.CapacityLimiter(crypto_threads)
         self._fetching: dict[ObjectKey, trio.Event] = {}
+        self._store_fetches: dict[ObjectKey, _StoreFetch] = {}
+        self.foreground_fetches = 0
+        """Store GETs in flight that a reader waits for (the prefetcher yields to them)."""
+        self.store_is_local = store_is_local
         self._last_read: dict[InodeId, int] = {}
         self._nursery: trio.Nursery | None = None
         self.integrity_failures = 0
@@ -134,10 +161,12 @@ class DataPath:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _seal_and_stage(self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview) -> int:
+    def _seal_and_stage(
+        self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview, group: int | None
+    ) -> int:
         blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, data)
         try:
-            self._cache.stage_sync(key, blob)
+            self._cache.stage_sync(key, blob, group)
         except OSError as exc:
             self._cache.discard_sync(key)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -153,7 +182,8 @@ class DataPath:
         generation = tables.take_generations(self._db, fk.inode)
         key = new_object_key()
         stored_len = await trio.to_thread.run_sync(
-            self._seal_and_stage, fk, idx, generation, key, data, limiter=self._crypto
+            self._seal_and_stage, fk, idx, generation, key, data, studies.study_of_inode(self._db, fk.inode),
+            limiter=self._crypto,
         )
         old = tables.put_chunk(
             self._db,
@@ -179,8 +209,11 @@ class DataPath:
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def read_chunk(self, fk: FileKey, idx: int, *, readahead: bool = True) -> bytes | None:
-        """The plaintext of chunk `idx` (its plain_len bytes), or None where the file has a hole."""
+    async def read_chunk(self, fk: FileKey, idx: int, *, readahead: bool = True, local_only: bool = False) -> bytes | None:
+        """The plaintext of chunk `idx` (its plain_len bytes), or None where the file has a hole.
+
+        local_only: raise NotCached instead of fetching from a remote store (the indexer reads
+        headers of files just written, which are local, and must never cause a GET)."""
         if readahead:
             self._schedule_readahead(fk, idx)
         for _ in range(3):
@@ -188,7 +221,7 @@ class DataPath:
             if row is None:
                 return None
             try:
-                return await self._plaintext(fk, row)
+                return await self._plaintext(fk, row, local_only)
             except ObjectNotFound:
                 # The chunk may have been rewritten and its old object collected meanwhile.
                 if tables.get_chunk(self._db, fk.inode, idx) == row:
@@ -196,7 +229,7 @@ class DataPath:
         log.error("chunk object of inode %d index %d is missing from the store", fk.inode, idx)
         raise DataUnavailable("chunk object is missing")
 
-    async def _plaintext(self, fk: FileKey, row: tables.ChunkRow) -> bytes:
+    async def _plaintext(self, fk: FileKey, row: tables.ChunkRow, local_only: bool = False) -> bytes:
         key = row.object_key
         while True:
             data = self._plain.get(key)
@@ -211,7 +244,11 @@ class DataPath:
                 return data
         done = self._fetching[key] = trio.Event()
         try:
-            data = await self._fetch_and_open(fk, row)
+            data = await trio.to_thread.run_sync(self._open_cached, fk, row, limiter=self._crypto)
+            if data is None:
+                if local_only and not self.store_is_local:
+                    raise NotCached("the chunk is not in the local cache")
+                data = await self._fetch_from_store(fk, row, foreground=True)
             self._plain.put(key, data)
             return data
         finally:
@@ -224,39 +261,72 @@ class DataPath:
             raise IntegrityError("chunk length does not match the metadata")
         return payload
 
-    def _read_cached(self, key: ObjectKey) -> bytes | None:
+    def _open_cached(self, fk: FileKey, row: tables.ChunkRow) -> bytes | None:
+        """Worker thread: the plaintext of the cached copy, or None when there is no usable one.
+        A staged copy that fails authentication is final (the store has no other); a cached
+        copy of an uploaded chunk is dropped and fetched again."""
+        key = row.object_key
         try:
-            return self._cache.read_sync(key)
+            blob = self._cache.read_sync(key)
         except OSError as exc:
             log.warning("cannot read cached object %s: %s", key, exc.strerror)
             return None
-
-    def _fill_cache(self, key: ObjectKey, blob: bytes) -> None:
+        if blob is None:
+            return None
         try:
-            self._cache.fill_sync(key, blob)
-        except OSError as exc:
-            log.warning("cannot cache object %s: %s", key, exc.strerror)
-
-    async def _fetch_and_open(self, fk: FileKey, row: tables.ChunkRow) -> bytes:
-        key = row.object_key
-        blob = await trio.to_thread.run_sync(self._read_cached, key)
-        if blob is not None:
-            try:
-                return await trio.to_thread.run_sync(self._open, fk, row, blob, limiter=self._crypto)
-            except IntegrityError:
-                if row.state != tables.STATE_STORED:
-                    self._integrity_failure(fk, row, "local staged copy")
-                    raise
-                log.warning("cached copy of object %s failed authentication; fetching it again", key)
-                await trio.to_thread.run_sync(self._cache.discard_sync, key)
-        blob = await self._get_from_store(key)
-        try:
-            data = await trio.to_thread.run_sync(self._open, fk, row, blob, limiter=self._crypto)
+            return self._open(fk, row, blob)
         except IntegrityError:
-            self._integrity_failure(fk, row, "store")
-            raise
-        await trio.to_thread.run_sync(self._fill_cache, key, blob)
+            if row.state != tables.STATE_STORED:
+                self._integrity_failure(fk, row, "local staged copy")
+                raise
+        log.warning("cached copy of object %s failed authentication; fetching it again", key)
+        self._cache.discard_sync(key)
+        return None
+
+    def _open_and_fill(self, fk: FileKey, row: tables.ChunkRow, blob: bytes, group: int | None) -> bytes:
+        """Worker thread: authenticate a fetched chunk, then keep its ciphertext in the cache."""
+        data = self._open(fk, row, blob)
+        try:
+            self._cache.fill_sync(row.object_key, blob, group)
+        except OSError as exc:
+            log.warning("cannot cache object %s: %s", row.object_key, exc.strerror)
         return data
+
+    async def _fetch_from_store(self, fk: FileKey, row: tables.ChunkRow, *, foreground: bool) -> bytes:
+        key = row.object_key
+        while True:
+            pending = self._store_fetches.get(key)
+            if pending is None:
+                break
+            await pending.done.wait()
+            if pending.plaintext is not None:
+                return pending.plaintext
+        fetch = self._store_fetches[key] = _StoreFetch(trio.Event())
+        group = studies.study_of_inode(self._db, fk.inode)
+        if foreground:
+            self.foreground_fetches += 1
+        try:
+            blob = await self._get_from_store(key)
+            try:
+                data = await trio.to_thread.run_sync(self._open_and_fill, fk, row, blob, group, limiter=self._crypto)
+            except IntegrityError:
+                self._integrity_failure(fk, row, "store")
+                raise
+            fetch.plaintext = data
+            return data
+        finally:
+            if foreground:
+                self.foreground_fetches -= 1
+            del self._store_fetches[key]
+            fetch.done.set()
+
+    async def warm(self, fk: FileKey, row: tables.ChunkRow) -> int:
+        """Bring one chunk into the local cache without keeping its plaintext (study prefetch);
+        returns the bytes fetched (0 when it was local already)."""
+        if self._cache.contains(row.object_key) or self.store_is_local:
+            return 0
+        await self._fetch_from_store(fk, row, foreground=False)
+        return row.stored_len
 
     async def _get_from_store(self, key: ObjectKey) -> bytes:
         """The store retries transient failures (store.retry); this bounds how long a reader waits."""
@@ -291,11 +361,11 @@ class DataPath:
     async def _prefetch(self, fk: FileKey, row: tables.ChunkRow) -> None:
         try:
             await self._plaintext(fk, row)
-        except (IntegrityError, DataUnavailable, ObjectNotFound):
+        except (IntegrityError, DataUnavailable, ObjectNotFound, NotCached):
             pass  # the foreground read will report it
 
     def forget_file(self, inode: InodeId) -> None:
         self._last_read.pop(inode, None)
 
     def statistics(self) -> dict[str, int]:
-        return {"integrity_failures": self.integrity_failures, "fetches_in_flight": len(self._fetching)}
+        return {"integrity_failures": self.integrity_failures, "fetches_in_flight": len(self._store_fetches)}

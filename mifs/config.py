@@ -70,6 +70,11 @@ class MountConfig:
     fetch_timeout: float = 60.0
     staging_timeout: float = 120.0
     sync_uploads: bool = False
+    # DICOM awareness (dicom_index)
+    index: bool = True
+    prefetch: bool = True
+    prefetch_priors: int = 0
+    prefetch_parallel: int = 8
     # S3 stores
     endpoint_url: str | None = None
     region: str | None = None
@@ -85,10 +90,13 @@ class MountConfig:
 # --- the TOML config file (docs/CONFIG.md) -------------------------------------------------------
 
 _PATH_KEYS = {"mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"}
+_BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
+_COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
 _TOP_LEVEL = {"store", "mountpoint", "key_file", "cache_dir", "cache_size", "options", "log_file", "debug"}
 _SECTIONS: dict[str, set[str]] = {
     "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
+    "dicom": {"index", "prefetch", "prefetch_priors", "prefetch_parallel"},
     "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes"},
 }
@@ -128,6 +136,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
             value = (path.parent / value) if not Path(value).is_absolute() else Path(value)
         elif key in _SIZE_KEYS and isinstance(value, str):
             value = parse_size(value, key)
+        elif key in _BOOL_KEYS and not isinstance(value, bool):
+            raise UserError(f"config file {path}: {key} must be true or false", 2)
+        elif key in _COUNT_KEYS and (not isinstance(value, int) or isinstance(value, bool) or value < _COUNT_KEYS[key]):
+            raise UserError(f"config file {path}: {key} must be an integer >= {_COUNT_KEYS[key]}", 2)
         elif key == "options":
             if isinstance(value, str):
                 value = [o.strip() for o in value.split(",") if o.strip()]

@@ -19,10 +19,17 @@ log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict[str, Any]]
 UnmountFn = Callable[[bool], Awaitable[str | None]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
+"""A request handler: gets the request and sends its replies (progress lines, then a final one)."""
 
 
 class ControlServer:
-    def __init__(self, path: Path, status: StatusFn, unmount: UnmountFn, finished: trio.Event) -> None:
+    def __init__(
+        self, path: Path, status: StatusFn, unmount: UnmountFn, finished: trio.Event,
+        handlers: dict[str, Handler] | None = None,
+    ) -> None:
+        self._handlers = handlers or {}
         self._path = path
         self._status = status
         self._unmount = unmount
@@ -70,6 +77,12 @@ class ControlServer:
                     await stream.send_all(encode({"ok": True, "status": self._status()}))
                 elif op == "umount":
                     await self._handle_umount(stream, bool(request.get("wait", True)))
+                elif isinstance(op, str) and op in self._handlers:
+
+                    async def send(message: dict[str, Any]) -> None:
+                        await stream.send_all(encode(message))
+
+                    await self._handlers[op](request, send)
                 else:
                     await stream.send_all(encode({"ok": False, "error": f"unknown request {op!r}"}))
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as exc:

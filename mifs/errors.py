@@ -132,5 +132,9 @@ class DataUnavailable(FsError):
     """EIO: the data could not be fetched within the configured time."""
 
 
+class NotCached(FsError):
+    """The data is not on this host and the caller asked not to fetch it from the store."""
+
+
 class LocalIOError(FsError):
     """EIO: the local cache disk failed a read or write (other than running out of space)."""

@@ -42,6 +42,7 @@ ERRNO: dict[type[errors.FsError], int] = {
     errors.TooManyLinks: errno.EMLINK,
     errors.IntegrityError: errno.EIO,
     errors.DataUnavailable: errno.EIO,
+    errors.NotCached: errno.EIO,
     errors.LocalIOError: errno.EIO,
 }
 

@@ -33,6 +33,10 @@ from mifs.config import MountConfig
 from mifs.control_protocol import socket_path
 from mifs.control_server import ControlServer
 from mifs.crypto.keyring import MasterKey, load_key_file
+from mifs.dicom_index.catalog import StudyCatalog
+from mifs.dicom_index.commands import StudyCommands
+from mifs.dicom_index.indexer import Indexer
+from mifs.dicom_index.prefetch import Prefetcher
 from mifs.errors import (
     ArchiveCorrupt,
     ArchiveExists,
@@ -43,12 +47,13 @@ from mifs.errors import (
     UserError,
     WrongKey,
 )
-from mifs.metadb import tables
+from mifs.metadb import studies, tables
 from mifs.metadb.db import DatabaseTooNew, MetaDb
 from mifs.metasync import MetadataReplicator, restore, store_has_metadata
 from mifs.sdnotify import Notifier
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_url
+from mifs.types import InodeId
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
 from mifs.vfs.filesystem import FileSystem
@@ -64,6 +69,7 @@ EXIT_ARCHIVE = 5
 EXIT_MOUNTPOINT = 6
 EXIT_FUSE = 7
 EXIT_DAEMON = 8
+EXIT_NOT_FOUND = 9
 
 LOG_FILE = "mifs.log"
 DB_FILE = "meta.db"
@@ -191,6 +197,20 @@ def _mountinfo_entry(real_path: str) -> list[str] | None:
     return None
 
 
+def live_mifs_mounts() -> list[Path]:
+    """Mount points of every mifs filesystem mounted in this mount namespace."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if "-" in fields and fields[fields.index("-") + 1] == "fuse.mifs":
+                    found.append(Path(fields[4].encode().decode("unicode_escape")))
+    except OSError:
+        return []
+    return found
+
+
 def mount_fstype(path: Path) -> str | None:
     """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
     fields = _mountinfo_entry(os.path.realpath(path))
@@ -312,18 +332,27 @@ class Daemon:
         self.db = open_cache_db(cache_dir, archive)
         desc = archive.descriptor
         # A local-directory store is as fast as the cache: keep no second copy of its chunks.
-        self.cache = ChunkCache(cache_dir, cfg.cache_size, keep_uploaded=archive.location.scheme != "file")
-        self.cache.scan_sync({key for key, _ in tables.pending_uploads(self.db)})
+        store_is_local = archive.location.scheme == "file"
+        self.cache = ChunkCache(cache_dir, cfg.cache_size, keep_uploaded=not store_is_local)
+        self.cache.scan_sync(
+            {key for key, _ in tables.pending_uploads(self.db)}, group_of=lambda key: studies.study_of_key(self.db, key)
+        )
+        self.cache.set_pinned(studies.pinned_ids(self.db))
         self.uploader = Uploader(archive.store, self.cache, self.db, cfg.upload_workers)
         self.committer = Committer(self.db, self.cache, self.uploader)
         self.data = DataPath(
             kek=archive.kek, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
-            fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout,
+            fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout, store_is_local=store_is_local,
         )
+        # vfs -> dicom_index: files closed after writing (to index) and opened for reading
+        # (to prefetch their study). Hints only; the durable work list is in the database.
+        changed_send, changed_receive = trio.open_memory_channel[InodeId](1024)
+        opened_send, opened_receive = trio.open_memory_channel[InodeId](1024)
         self.files = FileData(
             self.db, self.data, self.committer, cfg.dirty_buffer_bytes,
             wait_uploaded=self.uploader.wait_uploaded if cfg.sync_uploads else None,
+            changed=changed_send if cfg.index else None,
         )
         self.ns = Namespace(self.db, self.files, self.data.new_file_key)
         self.ns.ensure_root(os.getuid(), os.getgid())
@@ -333,7 +362,19 @@ class Daemon:
         self.db.commit()
         self.uploader.load_pending()
         self.uploader.after_commit()
-        self.fs = FileSystem(self.db, self.ns, self.files, cache_dir, cfg.read_only)
+        self.fs = FileSystem(
+            self.db, self.ns, self.files, cache_dir, cfg.read_only,
+            opened_for_reading=opened_send if cfg.prefetch and not store_is_local else None,
+        )
+        self.indexer = Indexer(self.db, self.files, self.cache, changed_receive, changed_send)
+        self.prefetcher = Prefetcher(
+            self.db, self.data, self.cache, opened_receive,
+            on_open=cfg.prefetch, priors=cfg.prefetch_priors, parallel=cfg.prefetch_parallel,
+        )
+        self.study_commands = StudyCommands(
+            self.db, StudyCatalog(self.db, self.cache, store_is_local), self.prefetcher, self.indexer, cfg.index
+        )
+        self._dicom_scope = trio.CancelScope()
         self.replicator = MetadataReplicator(
             self.db, archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), self.cache.tmp
         )
@@ -379,6 +420,7 @@ class Daemon:
             "metadata_commit_seq": self.db.commit_seq,
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.files.statistics(),
+            **self.study_commands.status(),
         }
 
     async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
@@ -413,7 +455,16 @@ class Daemon:
             )
             await trio.sleep(5)
 
+    async def _run_dicom_services(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Indexer and prefetcher, in a scope of their own: they stop before the final flush."""
+        with self._dicom_scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.indexer.run)
+                await nursery.start(self.prefetcher.run)
+                task_status.started()
+
     async def _shutdown(self) -> dict[str, Any]:
+        self._dicom_scope.cancel()
         await self.fs.shutdown()
         await self.committer.commit_now()
         if self.cfg.wait_uploads_on_exit:
@@ -441,7 +492,10 @@ class Daemon:
         ops = Operations(self.fs, self.cfg.attr_timeout)
         options = {"fsname=mifs", "subtype=mifs", "default_permissions"}
         options.update(o for o in self.cfg.fuse_options if o != "rw")
-        control = ControlServer(socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished)
+        control = ControlServer(
+            socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished,
+            handlers=self.study_commands.handlers(),
+        )
         try:
             pyfuse3.init(ops, str(self.cfg.mountpoint), options)
         except RuntimeError as exc:
@@ -454,6 +508,7 @@ class Daemon:
                 await nursery.start(self.data.run)
                 await nursery.start(self.files.run)
                 await nursery.start(self.replicator.run)
+                await nursery.start(self._run_dicom_services)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._probe_ready, ready)

@@ -169,7 +169,7 @@ class Uploader:
         self._queued.pop(key, None)
         size = await self._adopt(key)
         if size is None:
-            blob = await trio.to_thread.run_sync(self._cache.read_sync, key)
+            blob = await trio.to_thread.run_sync(lambda: self._cache.read_sync(key, touch=False))
             if blob is not None:
                 await self._with_retry("upload", key, lambda: self._store.put(key, blob))
                 size = len(blob)

@@ -18,13 +18,26 @@ Version 1 (documented in docs/FORMAT.md, "Metadata database"):
 - xattrs: extended attributes (name and value as bytes).
 - garbage: object keys no committed row refers to any more; deleted from store and cache after
   the commit that orphaned them.
+
+Version 2 adds the DICOM study index (see dicom_index/ and docs/FORMAT.md):
+
+- dicom_studies: one row per Study Instance UID ever indexed; ``pinned`` = 1 keeps the study's
+  chunks in the local cache. Ids are never reused; the cache groups chunks by this id.
+- dicom_instances: one row per indexed inode (hard links count once; the path is looked up
+  live, so renames need no update). ``status`` 1 = indexed, 2 = malformed (Part 10 magic but
+  no usable header; ``error`` says why, never quoting the file).
+- index_queue: inodes whose content changed and must be (re)indexed; written in the same
+  transaction as the change, so a crash never loses an indexing job. ``seq`` detects a change
+  that arrived while the indexer was reading; ``fetch`` = 1 lets the indexer fetch the header
+  from the store (reindex, upgrade); ``deferred`` = 1 marks a header that was not local.
+  The migration queues every existing file once, so an upgraded archive gets indexed.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
@@ -72,7 +85,44 @@ CREATE TABLE xattrs (
 CREATE TABLE garbage (object_key TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
+_V2 = """
+CREATE TABLE dicom_studies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL UNIQUE,
+    pinned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE dicom_instances (
+    inode INTEGER PRIMARY KEY,
+    status INTEGER NOT NULL,
+    error TEXT,
+    study_id INTEGER,
+    patient_id TEXT,
+    patient_name TEXT,
+    series_uid TEXT,
+    sop_uid TEXT,
+    sop_class_uid TEXT,
+    modality TEXT,
+    study_date TEXT,
+    study_time TEXT,
+    accession_number TEXT,
+    study_description TEXT,
+    series_number INTEGER,
+    instance_number INTEGER,
+    transfer_syntax TEXT,
+    indexed_ns INTEGER NOT NULL
+);
+CREATE INDEX dicom_instances_by_study ON dicom_instances (study_id);
+CREATE INDEX dicom_instances_by_patient ON dicom_instances (patient_id);
+CREATE TABLE index_queue (
+    inode INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    fetch INTEGER NOT NULL DEFAULT 0,
+    deferred INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO index_queue (inode, seq, fetch) SELECT id, 0, 1 FROM inodes WHERE (mode & 61440) = 32768;
+"""
+
 Execute = Callable[[str], object]
 
-MIGRATIONS: dict[int, str] = {1: _V1}
+MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
 """Script that takes the schema from version N-1 to N; version 0 is an empty database."""

@@ -104,6 +104,8 @@ def delete_inode(db: MetaDb, inode: InodeId) -> None:
     db.write("INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ?", (inode,))
     db.write("DELETE FROM chunks WHERE inode = ?", (inode,))
     db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
+    db.write("DELETE FROM dicom_instances WHERE inode = ?", (inode,))
+    db.write("DELETE FROM index_queue WHERE inode = ?", (inode,))
     db.write("DELETE FROM inodes WHERE id = ?", (inode,))
 
 

@@ -25,7 +25,7 @@ from mifs.chunking import chunk_count, chunk_plain_len, spans
 from mifs.chunks import DataPath, FileKey
 from mifs.commits import Committer
 from mifs.errors import BadFileHandle, FsError, LocalIOError, NotFound
-from mifs.metadb import tables
+from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId, ObjectKey
 from mifs.vfs.buffers import BufferPool, DirtyChunk
@@ -52,6 +52,8 @@ class OpenInode:
     staged: set[ObjectKey] = field(default_factory=set)  # since the last flush (--sync-uploads)
     attrs_dirty: bool = False
     mtime_ns: int | None = None
+    writers: int = 0  # handles open for writing
+    content_changed: bool = False  # since the last flush: the file must be indexed again
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,13 @@ class FileData:
     def __init__(
         self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int,
         wait_uploaded: Callable[[set[ObjectKey]], Awaitable[None]] | None = None,
+        changed: trio.MemorySendChannel[InodeId] | None = None,
     ) -> None:
         """wait_uploaded: when given, flush and fsync also wait until the file's chunks are in
-        the store (--sync-uploads)."""
+        the store (--sync-uploads). changed: when given, a file whose content changed is queued
+        for indexing in the metadata (in the same commit as the change) and its inode is sent
+        here once its last writer closed it; without it nothing is queued (--no-index)."""
+        self._changed = changed
         self._wait_uploaded = wait_uploaded
         self._db = db
         self._data = data
@@ -97,6 +103,8 @@ class FileData:
             oi = OpenInode(self._data.file_key(row.id, row.file_id, row.wrapped_dek), row.size)
             self.open[row.id] = oi
         oi.handles += 1
+        if writable:
+            oi.writers += 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(row.id, writable)
@@ -113,6 +121,8 @@ class FileData:
         h, oi = self.handle(fh)
         del self._handles[fh]
         oi.handles -= 1
+        if h.writable:
+            oi.writers -= 1
         if oi.handles == 0:
             try:
                 await self._flush_inode(h.inode, oi)
@@ -120,7 +130,23 @@ class FileData:
                 if oi.handles == 0 and not oi.dirty and not oi.sealing:
                     self.open.pop(h.inode, None)
                     self._data.forget_file(h.inode)
+        if h.writable and oi.writers == 0:
+            self._notify_changed(h.inode)
         return h.inode
+
+    def is_being_written(self, inode: InodeId) -> bool:
+        oi = self.open.get(inode)
+        return oi is not None and oi.writers > 0
+
+    def _notify_changed(self, inode: InodeId) -> None:
+        if self._changed is None:
+            return
+        try:
+            self._changed.send_nowait(inode)
+        except trio.WouldBlock:
+            pass  # the indexer is busy; it drains the queue in the database anyway
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # shutting down; the queue in the database survives
 
     def size_of(self, inode: InodeId) -> int | None:
         oi = self.open.get(inode)
@@ -176,7 +202,7 @@ class FileData:
                 self._seal_soon(h.inode, oi, span.index)
         oi.size = max(oi.size, offset + len(data))
         oi.mtime_ns = time.time_ns()
-        oi.attrs_dirty = True
+        oi.attrs_dirty = oi.content_changed = True
         return len(data)
 
     async def _dirty_chunk(self, oi: OpenInode, idx: int) -> DirtyChunk:
@@ -293,6 +319,10 @@ class FileData:
             err, oi.error = oi.error, None
             raise err
         self._save_attrs(inode, oi)
+        if oi.content_changed:
+            if self._changed is not None:
+                studies.queue_change(self._db, inode)
+            oi.content_changed = False
         await self._committer.commit_now()
         if self._wait_uploaded is not None and oi.staged:
             staged, oi.staged = oi.staged, set()
@@ -339,12 +369,31 @@ class FileData:
                     dc.write(tail, self.pool.zeros[: self.chunk_size - tail])
             oi.size = new_size
             oi.mtime_ns = time.time_ns()
-            oi.attrs_dirty = True
+            oi.attrs_dirty = oi.content_changed = True
             await self._flush_inode(inode, oi)
         finally:
             oi.handles -= 1
             if temporary and oi.handles == 0 and not oi.dirty and not oi.sealing:
                 self.open.pop(inode, None)
+        if temporary:
+            self._notify_changed(inode)
+
+    # --- headers for the indexer ----------------------------------------------------------------
+
+    async def read_prefix(self, row: tables.InodeRow, length: int, *, local_only: bool) -> bytes:
+        """The first `length` bytes of a closed file (fewer if it is shorter). local_only: raise
+        NotCached rather than fetch from a remote store. The caller checks is_being_written."""
+        if row.file_id is None or row.wrapped_dek is None:
+            raise NotFound("inode has no content")
+        oi = self.open.get(row.id)
+        key = oi.key if oi is not None else self._data.file_key(row.id, row.file_id, row.wrapped_dek)
+        size = oi.size if oi is not None else row.size
+        parts: list[bytes] = []
+        for span in spans(0, min(length, size), self.chunk_size):
+            plain = await self._data.read_chunk(key, span.index, readahead=False, local_only=local_only)
+            piece = plain[span.start : span.end] if plain is not None else b""
+            parts.append(piece + bytes(span.end - span.start - len(piece)))
+        return b"".join(parts)
 
     def statistics(self) -> dict[str, int]:
         return {

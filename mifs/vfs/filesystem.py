@@ -11,6 +11,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from mifs.errors import IsADirectory, ReadOnly
 from mifs.metadb.db import MetaDb
 from mifs.metadb.tables import InodeRow
@@ -33,7 +35,13 @@ class StatFs:
 
 
 class FileSystem:
-    def __init__(self, db: MetaDb, namespace: Namespace, files: FileData, cache_root: Path, read_only: bool) -> None:
+    def __init__(
+        self, db: MetaDb, namespace: Namespace, files: FileData, cache_root: Path, read_only: bool,
+        opened_for_reading: trio.MemorySendChannel[InodeId] | None = None,
+    ) -> None:
+        """opened_for_reading: inodes opened read-only are sent here (best effort, never
+        blocking) so the study prefetcher can fetch the rest of their study."""
+        self._opened = opened_for_reading
         self._db = db
         self.ns = namespace
         self.files = files
@@ -64,6 +72,11 @@ class FileSystem:
         fh = self.files.attach(row, writable)
         if flags & os.O_TRUNC and row.size:
             await self.files.truncate(row, 0)
+        if not writable and self._opened is not None:
+            try:
+                self._opened.send_nowait(inode)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # a hint only: prefetch is best effort
         return fh
 
     async def create(self, parent: InodeId, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeRow]:

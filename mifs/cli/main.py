@@ -18,6 +18,7 @@ import trio
 
 from mifs import __version__
 from mifs.archive import check_no_archive, create_archive, new_descriptor
+from mifs.cli import studies as study_commands
 from mifs.config import (
     DEFAULT_CACHE_SIZE,
     KNOWN_FUSE_OPTIONS,
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
+    group = p.add_argument_group("DICOM")
+    group.add_argument("--no-index", action="store_true", help="do not index written files (mifs reindex does it later)")
+    group.add_argument("--no-prefetch", action="store_true", help="do not fetch the rest of a study when one of its files is opened")
+    group.add_argument("--prefetch-priors", type=int, metavar="N", help="also prefetch the N most recent other studies of the patient (default 0)")
+    group.add_argument("--prefetch-parallel", type=int, metavar="N", help="parallel store requests of study prefetch (default 8)")
     _add_store_flags(p)
 
     p = sub.add_parser("umount", help="flush, upload and unmount")
@@ -86,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="do not wait for pending uploads")
 
     p = sub.add_parser("status", help="show an archive's state")
-    p.add_argument("target", help="a mount point or a store")
+    p.add_argument("target", nargs="?", help="a mount point or a store (default: the only live mifs mount)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--key-file", type=Path)
     p.add_argument("--cache-dir", type=Path)
     _add_store_flags(p)
+
+    study_commands.add_parsers(sub)
     return parser
 
 
@@ -165,6 +173,12 @@ def _fuse_options(raw: Sequence[str]) -> list[str]:
     return options
 
 
+def _count(value: int | None, flag: str, minimum: int) -> int | None:
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} must be at least {minimum}", EXIT_USAGE)
+    return value
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     values = load_config_file(args.config.absolute()) if args.config else {}
     flags: dict[str, Any] = {
@@ -175,6 +189,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "log_file": args.log_file,
         "cache_size": parse_size(args.cache_size, "cache size") if args.cache_size else None,
         "fetch_timeout": args.fetch_timeout,
+        "prefetch_priors": _count(args.prefetch_priors, "--prefetch-priors", 0),
+        "prefetch_parallel": _count(args.prefetch_parallel, "--prefetch-parallel", 1),
         "endpoint_url": args.endpoint_url,
         "region": args.region,
         "addressing_style": args.addressing_style,
@@ -185,6 +201,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     for flag, name in ((args.foreground, "foreground"), (args.debug, "debug"), (args.sync_uploads, "sync_uploads")):
         if flag:
             values[name] = True
+    for flag, name in ((args.no_index, "index"), (args.no_prefetch, "prefetch")):
+        if flag:
+            values[name] = False
     if args.options:
         values["fuse_options"] = list(values.get("fuse_options", [])) + _fuse_options(args.options)
     if not values.get("store_url") or not values.get("mountpoint"):
@@ -277,6 +296,8 @@ def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.target is None:
+        args.target = str(study_commands.only_live_mount())
     target = Path(args.target)
     status: dict[str, Any] | None = None
     if "://" not in args.target and target.is_dir():
@@ -324,7 +345,7 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, **study_commands.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mifs: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mifs studies | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug: still one line, details in the log
         print(f"mifs: error: internal error ({exc.__class__.__name__}: {exc}); please report it", file=sys.stderr)
         return EXIT_INTERNAL
