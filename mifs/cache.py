@@ -11,6 +11,7 @@ callers run them in worker threads.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import threading
@@ -72,22 +73,26 @@ class ChunkCache:
         self._dirty_bytes = 0
         self._pinned_clean_bytes = 0
         self._dirs_to_sync: set[Path] = set()
-        self._known_dirs: set[Path] = set()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp.mkdir(mode=0o700, exist_ok=True)
+        # Plain strings on the hot paths: pathlib costs more than the I/O of a small chunk.
+        self._root_str = str(self.root) + "/"
+        self._tmp_names = itertools.count()
+        self._tmp_prefix = f"{self.tmp}/{os.getpid()}-{secrets.token_hex(4)}-"
+        self._known_dirs_str: set[str] = set()
 
-    def _path(self, key: ObjectKey) -> Path:
+    def _path(self, key: ObjectKey) -> str:
         # Keys look like "data/ab/<32 hex>"; the cache keeps the part after "data/".
-        return self.root / key.split("/", 1)[1]
+        return self._root_str + key[5:] if key.startswith("data/") else self._root_str + key.split("/", 1)[1]
 
     def file_path(self, key: ObjectKey) -> Path | None:
         """Where a cached chunk lives on disk (for stores that can adopt local files)."""
         with self._lock:
             known = key in self._entries
-        return self._path(key) if known else None
+        return Path(self._path(key)) if known else None
 
     def scan_sync(self, dirty_keys: set[ObjectKey], group_of: Callable[[ObjectKey], GroupId | None] = lambda _: None) -> None:
         """Rebuild the index from disk at mount; `dirty_keys` are the staged ones (from metadb),
@@ -164,16 +169,16 @@ class ChunkCache:
 
     def _write(self, key: ObjectKey, blob: bytes, durable: bool) -> None:
         path = self._path(key)
-        parent = path.parent
+        parent_str = path.rsplit("/", 1)[0]
         new_dir = False
-        if parent not in self._known_dirs:
+        if parent_str not in self._known_dirs_str:
             try:
-                parent.mkdir(mode=0o700)
+                os.mkdir(parent_str, 0o700)
                 new_dir = True
             except FileExistsError:
                 pass
-            self._known_dirs.add(parent)
-        tmp = self.tmp / secrets.token_hex(8)
+            self._known_dirs_str.add(parent_str)
+        tmp = f"{self._tmp_prefix}{next(self._tmp_names)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(blob)
@@ -186,7 +191,7 @@ class ChunkCache:
         os.rename(tmp, path)
         if durable:
             with self._lock:
-                self._dirs_to_sync.add(parent)
+                self._dirs_to_sync.add(Path(parent_str))
                 if new_dir:
                     self._dirs_to_sync.add(self.root)
         elif new_dir:

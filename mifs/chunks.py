@@ -244,7 +244,9 @@ class DataPath:
                 return data
         done = self._fetching[key] = trio.Event()
         try:
-            data = await trio.to_thread.run_sync(self._open_cached, fk, row, limiter=self._crypto)
+            # A chunk the prefetcher is fetching right now is not in the cache yet: join that GET.
+            in_flight = key in self._store_fetches
+            data = None if in_flight else await trio.to_thread.run_sync(self._open_cached, fk, row, limiter=self._crypto)
             if data is None:
                 if local_only and not self.store_is_local:
                     raise NotCached("the chunk is not in the local cache")
@@ -292,7 +294,11 @@ class DataPath:
             log.warning("cannot cache object %s: %s", row.object_key, exc.strerror)
         return data
 
-    async def _fetch_from_store(self, fk: FileKey, row: tables.ChunkRow, *, foreground: bool) -> bytes:
+    async def _fetch_from_store(
+        self, fk: FileKey, row: tables.ChunkRow, *, foreground: bool, group: int | None = None
+    ) -> bytes:
+        """One authenticated GET, shared by every reader of the chunk; `group` is the study
+        the chunk belongs to (looked up when not given)."""
         key = row.object_key
         while True:
             pending = self._store_fetches.get(key)
@@ -302,7 +308,8 @@ class DataPath:
             if pending.plaintext is not None:
                 return pending.plaintext
         fetch = self._store_fetches[key] = _StoreFetch(trio.Event())
-        group = studies.study_of_inode(self._db, fk.inode)
+        if group is None:
+            group = studies.study_of_inode(self._db, fk.inode)
         if foreground:
             self.foreground_fetches += 1
         try:
@@ -320,12 +327,15 @@ class DataPath:
             del self._store_fetches[key]
             fetch.done.set()
 
-    async def warm(self, fk: FileKey, row: tables.ChunkRow) -> int:
-        """Bring one chunk into the local cache without keeping its plaintext (study prefetch);
-        returns the bytes fetched (0 when it was local already)."""
+    async def warm(self, fk: FileKey, row: tables.ChunkRow, *, group: int | None, keep_plaintext: bool = False) -> int:
+        """Bring one chunk into the local cache (study prefetch); returns the bytes fetched (0
+        when it was local already). keep_plaintext: a reader is expected any moment (the study
+        it opened), so also offer the plaintext to the bounded in-memory LRU."""
         if self._cache.contains(row.object_key) or self.store_is_local:
             return 0
-        await self._fetch_from_store(fk, row, foreground=False)
+        data = await self._fetch_from_store(fk, row, foreground=False, group=group)
+        if keep_plaintext:
+            self._plain.put(row.object_key, data)
         return row.stored_len
 
     async def _get_from_store(self, key: ObjectKey) -> bytes:

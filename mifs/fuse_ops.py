@@ -260,7 +260,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.fs.files.flush(fh)
+        await self.fs.files.flush(fh, durable_anyway=True)
 
     # --- extended attributes ------------------------------------------------------------------
 

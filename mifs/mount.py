@@ -276,6 +276,13 @@ def setup_logging(log_file: Path | None, debug: bool) -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
+def tune_interpreter() -> None:
+    """A FUSE request waiting for the GIL behind worker threads (boto3, cache I/O) waits up to
+    the switch interval; 5 ms by default is longer than a whole cached read. 1 ms keeps the
+    event loop responsive while prefetch and uploads run."""
+    sys.setswitchinterval(0.001)
+
+
 def tune_malloc() -> None:
     """Keep chunk-sized buffers on the heap and reuse them (see FUSE-NOTES: fresh pages are slow)."""
     try:
@@ -561,6 +568,7 @@ def mount(cfg: MountConfig) -> None:
     os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it
     cfg.cache_dir = cache_dir
     tune_malloc()
+    tune_interpreter()
     if cfg.foreground:
         setup_logging(cfg.log_file, cfg.debug)
         run_daemon(cfg, lambda: None)

@@ -132,7 +132,10 @@ class Uploader:
 
     async def _next_key(self) -> ObjectKey:
         while not self._queue:
-            self._wakeup = trio.Event()
+            # Every idle worker waits on the same event; only a set one is replaced (a worker
+            # that replaced it under the others' feet would leave them waiting forever).
+            if self._wakeup.is_set():
+                self._wakeup = trio.Event()
             await self._wakeup.wait()
         key = self._queue.popleft()
         self._in_flight[key] = self._queued.get(key, (0, time.monotonic()))

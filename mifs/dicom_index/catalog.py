@@ -36,7 +36,10 @@ class StudyCatalog:
     # --- listings ---------------------------------------------------------------------------
 
     def _cache_state(self, study_id: int, chunks: studies.StudyChunks | None) -> tuple[str, int]:
+        """(state, bytes on this host). With a store on local disk every chunk is local."""
         cached = self._cache.group_bytes(study_id)
+        if self._store_is_local and chunks is not None:
+            cached = chunks.stored_bytes
         if chunks is None or chunks.objects == 0:
             return "full", cached
         if chunks.pending:
@@ -67,7 +70,7 @@ class StudyCatalog:
         """Studies with chunks in the cache or a pin (`mifs cache ls`)."""
         ids = set(studies.pinned_ids(self._db))
         everything = studies.list_studies(self._db, studies.StudyFilter())
-        ids.update(s.id for s in everything if self._cache.group_bytes(s.id))
+        ids.update(s.id for s in everything if self._store_is_local or self._cache.group_bytes(s.id))
         return self.list_studies(studies.StudyFilter(), sorted(ids))
 
     def instances(self, flt: studies.StudyFilter) -> list[dict[str, Any]]:

@@ -162,8 +162,12 @@ def _iso(text: str) -> str:
 def _filter(request: dict[str, Any]) -> studies.StudyFilter:
     since = request.get("since")
     return studies.StudyFilter(
-        patient_id=request.get("patient") or None,
-        study_uid=request.get("study") or None,
-        since=_iso(str(since)) if since else None,
-        modality=request.get("modality") or None,
+        patient_id=_text_or_none(request.get("patient")),
+        study_uid=_text_or_none(request.get("study")),
+        since=_iso(str(since)) if since is not None else None,
+        modality=_text_or_none(request.get("modality")),
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -166,7 +166,8 @@ class Prefetcher:
 
     async def _next(self) -> tuple[PrefetchJob, studies.ChunkRef]:
         while not self._heap:
-            self._wakeup = trio.Event()
+            if self._wakeup.is_set():  # all idle workers share one event (see Uploader._next_key)
+                self._wakeup = trio.Event()
             await self._wakeup.wait()
         _, _, _, job, ref = heapq.heappop(self._heap)
         return job, ref
@@ -179,7 +180,7 @@ class Prefetcher:
             while self._data.foreground_fetches and trio.current_time() < deadline:
                 await trio.sleep(0.002)
             try:
-                fetched = await self._fetch(ref)
+                fetched = await self._fetch(job, ref)
                 if fetched:
                     job.fetched += 1
                     job.fetched_bytes += fetched
@@ -197,14 +198,18 @@ class Prefetcher:
                 self._forget_keys()
                 job.finished.set()
 
-    async def _fetch(self, ref: studies.ChunkRef) -> int:
-        row = tables.get_chunk(self._db, ref.inode, ref.idx)
-        if row is None or row.object_key != ref.object_key:
-            return 0  # rewritten or deleted since it was queued
+    async def _fetch(self, job: PrefetchJob, ref: studies.ChunkRef) -> int:
         fk = self._file_key(ref.inode)
         if fk is None:
+            return 0  # deleted since it was queued
+        # The row as it was when the job was queued: a chunk rewritten since is fetched for
+        # nothing (its old object is still there until the commit that replaced it is done)
+        # or not found, which only ends this one fetch.
+        row = tables.ChunkRow(ref.inode, ref.idx, ref.object_key, ref.plain_len, ref.stored_len, ref.generation, ref.state)
+        try:
+            return await self._data.warm(fk, row, group=job.study_id, keep_plaintext=job.priority == PRIORITY_OPEN)
+        except ObjectNotFound:
             return 0
-        return await self._data.warm(fk, row)
 
     def _file_key(self, inode: InodeId) -> FileKey | None:
         fk = self._keys.get(inode)

@@ -95,6 +95,8 @@ class ChunkRef:
     object_key: ObjectKey
     stored_len: int
     state: int
+    plain_len: int
+    generation: int
 
 
 # --- the queue of files to (re)index -----------------------------------------------------------
@@ -296,13 +298,13 @@ def study_chunks(db: MetaDb, ids: list[int]) -> dict[int, StudyChunks]:
 def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
     """Every chunk of a study in viewing order: series by series, instance number, offset."""
     rows = db.all(
-        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state FROM dicom_instances d "
+        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation FROM dicom_instances d "
         "JOIN chunks c ON c.inode = d.inode WHERE d.study_id = ? AND d.status = 1 "
         "ORDER BY d.series_number IS NULL, d.series_number, d.series_uid, d.instance_number IS NULL, "
         "d.instance_number, d.inode, c.idx",
         (sid,),
     )
-    return [ChunkRef(InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4])) for r in rows]
+    return [ChunkRef(InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
 
 def list_instances(db: MetaDb, flt: StudyFilter) -> list[InstanceRow]:

@@ -53,6 +53,8 @@ class OpenInode:
     attrs_dirty: bool = False
     mtime_ns: int | None = None
     writers: int = 0  # handles open for writing
+    changes: int = 0  # sealed chunks and saved attributes so far
+    committed_changes: int = 0  # of those, made durable by a commit
     content_changed: bool = False  # since the last flush: the file must be indexed again
 
 
@@ -125,7 +127,7 @@ class FileData:
             oi.writers -= 1
         if oi.handles == 0:
             try:
-                await self._flush_inode(h.inode, oi)
+                await self._flush_inode(h.inode, oi, durable_anyway=h.writable)
             finally:
                 if oi.handles == 0 and not oi.dirty and not oi.sealing:
                     self.open.pop(h.inode, None)
@@ -257,6 +259,7 @@ class FileData:
         try:
             if plain_len > 0:
                 key = await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
+                oi.changes += 1
                 if self._wait_uploaded is not None:
                     oi.staged.add(key)
         except BaseException:
@@ -305,9 +308,13 @@ class FileData:
             if oi.mtime_ns is not None:
                 row.mtime_ns = row.ctime_ns = max(oi.mtime_ns, row.mtime_ns)
             tables.save_inode_attrs(self._db, row)
+            oi.changes += 1
         oi.attrs_dirty = False
 
-    async def _flush_inode(self, inode: InodeId, oi: OpenInode) -> None:
+    async def _flush_inode(self, inode: InodeId, oi: OpenInode, *, durable_anyway: bool = False) -> None:
+        """Seal, stage and commit what this file has written. A reader's close with nothing
+        of the file's own to make durable costs no commit; durable_anyway (a writer's close,
+        fsync) always commits, so metadata changed elsewhere is durable too."""
         try:
             await self._seal_all(oi)
         except BaseExceptionGroup as group:  # noqa: F821 - builtin in 3.11
@@ -323,14 +330,18 @@ class FileData:
             if self._changed is not None:
                 studies.queue_change(self._db, inode)
             oi.content_changed = False
-        await self._committer.commit_now()
+        target = oi.changes
+        if target != oi.committed_changes or durable_anyway:
+            await self._committer.commit_now()
+            oi.committed_changes = max(oi.committed_changes, target)
         if self._wait_uploaded is not None and oi.staged:
             staged, oi.staged = oi.staged, set()
             await self._wait_uploaded(staged)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: int, *, durable_anyway: bool = False) -> None:
         h, oi = self.handle(fh)
-        await self._flush_inode(h.inode, oi)
+        # A writer's close always commits (a file created and closed empty is durable too).
+        await self._flush_inode(h.inode, oi, durable_anyway=durable_anyway or h.writable)
 
     async def commit(self) -> None:
         """Make every metadata change so far durable (fsyncdir, sync)."""
