@@ -382,6 +382,9 @@ class Daemon:
             self.db, StudyCatalog(self.db, self.cache, store_is_local), self.prefetcher, self.indexer, cfg.index
         )
         self._dicom_scope = trio.CancelScope()
+        waiting, deferred = studies.backlog(self.db)
+        if waiting or deferred:
+            log.info("%d files wait to be indexed, %d more wait for `mifs reindex`", waiting, deferred)
         self.replicator = MetadataReplicator(
             self.db, archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), self.cache.tmp
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions as bce
@@ -121,6 +122,17 @@ class S3Options:
             raise ValueError("timeouts must be positive")
         if (self.access_key is None) != (self.secret_key is None):
             raise ValueError("give both an access key and a secret key, or neither")
+
+
+def _error_code(body: bytes) -> tuple[str, str]:
+    """Code and Message of an S3 XML error document ("", "" when there is none)."""
+    try:
+        root = ElementTree.fromstring(body) if body.strip() else None
+    except ElementTree.ParseError:
+        return "", ""
+    if root is None:
+        return "", ""
+    return (root.findtext("Code") or "").strip(), (root.findtext("Message") or "").strip()
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -331,11 +343,12 @@ class S3Store:
 
     # --- get, exists, delete, list ----------------------------------------------------------
 
-    def _direct_get_sync(self, key: ObjectKey, what: str) -> bytes | None:
+    def _direct_get_sync(self, key: ObjectKey, what: str) -> bytes:
         """GET through a URL presigned by botocore: the same signed request without botocore's
         per-request machinery, which costs about a millisecond of Python (and of the GIL) per
-        object, the largest cost of a cold study read. Anything but a complete 200 answer
-        returns None, and the boto3 path then asks again and maps the error as always."""
+        object, the largest cost of a cold study read. An error answer is parsed as botocore
+        parses it and mapped by _translate, so both paths fail the same way. Used unless a
+        proxy is configured (botocore knows how to use one)."""
         assert self._direct is not None
         try:
             url = self._client.generate_presigned_url(
@@ -349,10 +362,21 @@ class S3Store:
             if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
                 raise StorePermissionDenied(f"TLS certificate of {self.endpoint} not trusted (CA bundle?)") from None
             raise StoreUnavailable(f"{what}: TLS failure talking to {self.endpoint}") from None
+        except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError subclass)
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
+        except urllib3.exceptions.TimeoutError:
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} timed out") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
         if reply.status != 200:
-            return None
+            code, message = _error_code(reply.data)
+            if not code and reply.status in (301, 307):
+                code = str(reply.status)
+            response: Any = {
+                "Error": {"Code": code or str(reply.status), "Message": message},
+                "ResponseMetadata": {"HTTPStatusCode": reply.status},
+            }
+            raise self._translate(bce.ClientError(response, "GetObject"), what)
         length = reply.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) != len(reply.data):
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
@@ -361,9 +385,7 @@ class S3Store:
     def _get_sync(self, key: ObjectKey) -> bytes:
         what = f"get of {key}"
         if self._direct is not None:
-            data = self._direct_get_sync(key, what)
-            if data is not None:
-                return data
+            return self._direct_get_sync(key, what)
         reply = self._call(what, self._client.get_object, Key=self._object_name(key))
         body = reply["Body"]
         try:
