@@ -43,6 +43,7 @@ from mifs.uploader import Uploader
 log = logging.getLogger(__name__)
 
 READAHEAD_CHUNKS = 4
+FILE_KEYS_KEPT = 1024
 
 
 def new_object_key() -> ObjectKey:
@@ -132,6 +133,7 @@ class DataPath:
         self.staging_waits = 0
         self._crypto = trio.CapacityLimiter(crypto_threads)
         self._fetching: dict[ObjectKey, trio.Event] = {}
+        self._file_keys: collections.OrderedDict[tuple[InodeId, FileId, bytes], FileKey] = collections.OrderedDict()
         self._store_fetches: dict[ObjectKey, _StoreFetch] = {}
         self.foreground_fetches = 0
         """Store GETs in flight that a reader waits for (the prefetcher yields to them)."""
@@ -156,8 +158,19 @@ class DataPath:
         return file_id, envelope.wrap_data_key(self._kek, self._archive_id, file_id, dek)
 
     def file_key(self, inode: InodeId, file_id: FileId, wrapped_dek: bytes) -> FileKey:
+        """The unwrapped key of a file. The last FILE_KEYS_KEPT are remembered (a reader's open
+        and the prefetch of its study need the same ones), by wrapped form: a rewrapped or
+        destroyed key never matches an old entry."""
+        cache_key = (inode, file_id, wrapped_dek)
+        fk = self._file_keys.get(cache_key)
+        if fk is not None:
+            self._file_keys.move_to_end(cache_key)
+            return fk
         dek = envelope.unwrap_data_key(self._kek, self._archive_id, file_id, wrapped_dek)
-        return FileKey(inode, file_id, dek)
+        fk = self._file_keys[cache_key] = FileKey(inode, file_id, dek)
+        if len(self._file_keys) > FILE_KEYS_KEPT:
+            self._file_keys.popitem(last=False)
+        return fk
 
     # --- writing ------------------------------------------------------------------------------
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import trio
 
 from mifs.cache import ChunkCache
-from mifs.chunks import DataPath, FileKey
+from mifs.chunks import DataPath
 from mifs.errors import FsError, ObjectNotFound
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
-from mifs.types import InodeId
+from mifs.types import FileId, InodeId
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ class Prefetcher:
         self._order = itertools.count()
         self._wakeup = trio.Event()
         self._checked: dict[int, float] = {}  # study id -> when a reader's open last looked at it
-        self._keys: dict[InodeId, FileKey] = {}
         self.fetched_objects = self.fetched_bytes = self.failed_objects = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -175,10 +174,13 @@ class Prefetcher:
     async def _worker(self) -> None:
         while True:
             job, ref = await self._next()
-            # Readers first: while one waits for the store, hold new prefetch GETs back a little.
-            deadline = trio.current_time() + FOREGROUND_GRACE
-            while self._data.foreground_fetches and trio.current_time() < deadline:
-                await trio.sleep(0.002)
+            # Readers first: while one waits for the store, hold GETs for priors and admin
+            # requests back a little. The study a reader opened is fetched for that reader:
+            # holding it back would only make the reader fetch it chunk by chunk itself.
+            if job.priority != PRIORITY_OPEN:
+                deadline = trio.current_time() + FOREGROUND_GRACE
+                while self._data.foreground_fetches and trio.current_time() < deadline:
+                    await trio.sleep(0.002)
             try:
                 fetched = await self._fetch(job, ref)
                 if fetched:
@@ -195,13 +197,10 @@ class Prefetcher:
             job.done += 1
             if job.done >= job.objects:
                 self._jobs.pop(job.study_id, None)
-                self._forget_keys()
                 job.finished.set()
 
     async def _fetch(self, job: PrefetchJob, ref: studies.ChunkRef) -> int:
-        fk = self._file_key(ref.inode)
-        if fk is None:
-            return 0  # deleted since it was queued
+        fk = self._data.file_key(ref.inode, FileId(ref.file_id), ref.wrapped_dek)
         # The row as it was when the job was queued: a chunk rewritten since is fetched for
         # nothing (its old object is still there until the commit that replaced it is done)
         # or not found, which only ends this one fetch.
@@ -210,19 +209,6 @@ class Prefetcher:
             return await self._data.warm(fk, row, group=job.study_id, keep_plaintext=job.priority == PRIORITY_OPEN)
         except ObjectNotFound:
             return 0
-
-    def _file_key(self, inode: InodeId) -> FileKey | None:
-        fk = self._keys.get(inode)
-        if fk is None:
-            row = tables.get_inode(self._db, inode)
-            if row is None or row.file_id is None or row.wrapped_dek is None:
-                return None
-            fk = self._keys[inode] = self._data.file_key(inode, row.file_id, row.wrapped_dek)
-        return fk
-
-    def _forget_keys(self) -> None:
-        if not self._jobs:
-            self._keys.clear()  # unwrapped data keys live no longer than the prefetch needs them
 
     def statistics(self) -> PrefetchStatistics:
         return PrefetchStatistics(len(self._jobs), self.fetched_objects, self.fetched_bytes, self.failed_objects)

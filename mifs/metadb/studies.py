@@ -97,6 +97,8 @@ class ChunkRef:
     state: int
     plain_len: int
     generation: int
+    file_id: bytes
+    wrapped_dek: bytes
 
 
 # --- the queue of files to (re)index -----------------------------------------------------------
@@ -298,13 +300,17 @@ def study_chunks(db: MetaDb, ids: list[int]) -> dict[int, StudyChunks]:
 def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
     """Every chunk of a study in viewing order: series by series, instance number, offset."""
     rows = db.all(
-        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation FROM dicom_instances d "
-        "JOIN chunks c ON c.inode = d.inode WHERE d.study_id = ? AND d.status = 1 "
+        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek "
+        "FROM dicom_instances d JOIN chunks c ON c.inode = d.inode JOIN inodes i ON i.id = d.inode "
+        "WHERE d.study_id = ? AND d.status = 1 "
         "ORDER BY d.series_number IS NULL, d.series_number, d.series_uid, d.instance_number IS NULL, "
         "d.instance_number, d.inode, c.idx",
         (sid,),
     )
-    return [ChunkRef(InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
+    return [
+        ChunkRef(InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]), bytes(r[8]))
+        for r in rows
+    ]
 
 
 def list_instances(db: MetaDb, flt: StudyFilter) -> list[InstanceRow]:
