@@ -12,7 +12,9 @@ callers run them in worker threads.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import queue
 import secrets
 import threading
 from collections import OrderedDict
@@ -23,7 +25,12 @@ from typing import Callable, Hashable, Iterable
 from mifs.localfs import fsync_dir
 from mifs.types import ObjectKey
 
+log = logging.getLogger(__name__)
+
 CHUNK_DIR = "chunks"
+FILL_BEHIND_BYTES = 64 * 1024 * 1024
+"""Fetched chunks waiting in memory for the low-priority writer (see fill_behind)."""
+FILL_BEHIND_NICE = 10
 _TMP_DIR = "tmp"
 
 
@@ -83,6 +90,10 @@ class ChunkCache:
         self._tmp_names = itertools.count()
         self._tmp_prefix = f"{self.tmp}/{os.getpid()}-{secrets.token_hex(4)}-"
         self._known_dirs_str: set[str] = set()
+        self._behind: dict[ObjectKey, tuple[bytes, GroupId | None]] = {}
+        self._behind_bytes = 0
+        self._behind_queue: queue.SimpleQueue[ObjectKey | None] = queue.SimpleQueue()
+        self._behind_thread: threading.Thread | None = None
 
     def _path(self, key: ObjectKey) -> str:
         # Keys look like "data/ab/<32 hex>"; the cache keeps the part after "data/".
@@ -214,6 +225,70 @@ class ChunkCache:
             self._add(key, len(blob), False, group)
         self.evict_sync()
 
+    def fill_behind(self, key: ObjectKey, blob: bytes, group: GroupId | None = None) -> None:
+        """Like fill_sync, but the file is written by a low-priority thread: a reader waiting
+        for the next chunks of a study gets the CPU first (on a small host the page-cache
+        writes of a study being fetched cost as much as the fetching). Until written, reads
+        are served from memory; at most FILL_BEHIND_BYTES wait, beyond that this writes now."""
+        if not self.keep_uploaded:
+            return
+        with self._lock:
+            room = self._behind_bytes + len(blob) <= FILL_BEHIND_BYTES
+            if room and key not in self._behind:
+                self._behind[key] = (blob, group)
+                self._behind_bytes += len(blob)
+        if not room:
+            self.fill_sync(key, blob, group)
+            return
+        if self._behind_thread is None:
+            self._behind_thread = threading.Thread(target=self._write_behind, name="mifs-cache-fill", daemon=True)
+            self._behind_thread.start()
+        self._behind_queue.put(key)
+
+    def _write_behind(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_BEHIND_NICE)
+        except OSError:
+            pass
+        while True:
+            key = self._behind_queue.get()
+            if key is None:
+                return
+            with self._lock:
+                item = self._behind.get(key)
+            if item is None:
+                continue  # discarded meanwhile
+            blob, group = item
+            try:
+                self._write(key, blob, durable=False)
+            except OSError as exc:
+                log.warning("cannot cache object %s: %s", key, exc.strerror)
+                written = False
+            else:
+                written = True
+            with self._lock:
+                wanted = self._behind.pop(key, None) is not None
+                if wanted:
+                    self._behind_bytes -= len(blob)
+                    if written:
+                        self._add(key, len(blob), False, group)
+            if written and not wanted:
+                self._unlink(key)  # discarded while being written
+            self.evict_sync()
+
+    def stop_behind(self) -> None:
+        """Write what waits and stop the writer (unmount)."""
+        thread, self._behind_thread = self._behind_thread, None
+        if thread is not None:
+            self._behind_queue.put(None)
+            thread.join(timeout=30)
+
+    def _unlink(self, key: ObjectKey) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
     def has_room_for_dirty(self, size: int) -> bool:
         """Whether `size` more bytes of staged (not yet uploaded) data fit under the limit;
         clean unpinned chunks do not count, they are evicted to make room."""
@@ -236,6 +311,12 @@ class ChunkCache:
     def read_sync(self, key: ObjectKey, *, touch: bool = True) -> bytes | None:
         """A cached chunk's bytes, or None. touch=False for internal reads (uploads) that must
         not count as use."""
+        with self._lock:
+            waiting = self._behind.get(key)
+            if waiting is not None:
+                if touch:
+                    self.hits += 1
+                return waiting[0]
         try:
             with open(self._path(key), "rb") as fh:
                 blob = fh.read()
@@ -255,7 +336,7 @@ class ChunkCache:
 
     def contains(self, key: ObjectKey) -> bool:
         with self._lock:
-            return key in self._entries
+            return key in self._entries or key in self._behind
 
     def mark_clean_sync(self, key: ObjectKey) -> None:
         """The chunk is safely in the store: it may now be evicted."""
@@ -270,10 +351,10 @@ class ChunkCache:
     def discard_sync(self, key: ObjectKey) -> None:
         with self._lock:
             self._pop(key)
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
+            waiting = self._behind.pop(key, None)
+            if waiting is not None:
+                self._behind_bytes -= len(waiting[0])
+        self._unlink(key)
 
     # --- study groups ---------------------------------------------------------------------------
 
@@ -299,7 +380,8 @@ class ChunkCache:
     def group_bytes(self, group: GroupId) -> int:
         """Bytes of the group's chunks in the cache (staged and uploaded)."""
         with self._lock:
-            return self._group_bytes.get(group, 0)
+            waiting = sum(len(blob) for blob, g in self._behind.values() if g == group)
+            return self._group_bytes.get(group, 0) + waiting
 
     def touch_group(self, group: GroupId) -> None:
         """The study is in use: evict it last."""

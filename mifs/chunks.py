@@ -302,7 +302,7 @@ class DataPath:
         """Worker thread: authenticate a fetched chunk, then keep its ciphertext in the cache."""
         data = self._open(fk, row, blob)
         try:
-            self._cache.fill_sync(row.object_key, blob, group)
+            self._cache.fill_behind(row.object_key, blob, group)
         except OSError as exc:
             log.warning("cannot cache object %s: %s", row.object_key, exc.strerror)
         return data

@@ -491,6 +491,7 @@ class Daemon:
                 log.error("could not store the final metadata snapshot: %s", exc)
         if scope.cancelled_caught:
             log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
+        await trio.to_thread.run_sync(self.cache.stop_behind)
         up = self.uploader.statistics()
         return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
 
