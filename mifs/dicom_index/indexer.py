@@ -24,11 +24,11 @@ from mifs.errors import FsError, NotCached
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId
-from mifs.vfs.files import FileData
+from mifs.vfs.files import HEADER_BYTES, FileData
 
 log = logging.getLogger(__name__)
 
-FIRST_READ = 64 * 1024
+FIRST_READ = HEADER_BYTES
 MAX_HEADER = 64 * 1024 * 1024
 MAX_BARE_HEADER = 1024 * 1024
 """How far to read for a header: a Part 10 file may carry large sequences before group 0020;
@@ -93,8 +93,12 @@ class Indexer:
 
     async def _read_and_parse(self, row: tables.InodeRow, fetch: bool) -> ParseResult:
         length = min(row.size, FIRST_READ)
+        kept = self._files.take_header(row.id)
         while True:
-            prefix = await self._files.read_prefix(row, length, local_only=not fetch)
+            if kept is not None and len(kept) == length:
+                prefix, kept = kept, None  # the header as written, still in memory
+            else:
+                prefix = await self._files.read_prefix(row, length, local_only=not fetch)
             complete = len(prefix) >= row.size
             result = await trio.to_thread.run_sync(parse_header, prefix, complete, limiter=self._parse_limiter)
             limit = min(row.size, MAX_HEADER if is_part10(prefix) else MAX_BARE_HEADER)

@@ -32,6 +32,10 @@ from mifs.vfs.buffers import BufferPool, DirtyChunk
 
 log = logging.getLogger(__name__)
 
+HEADER_BYTES = 64 * 1024
+"""How much of each written file's start is kept in memory for the indexer."""
+HEADER_MEMORY = 32 * 1024 * 1024
+
 
 @dataclass
 class Sealing:
@@ -75,6 +79,8 @@ class FileData:
         for indexing in the metadata (in the same commit as the change) and its inode is sent
         here once its last writer closed it; without it nothing is queued (--no-index)."""
         self._changed = changed
+        self._headers: dict[InodeId, bytes] = {}  # see take_header
+        self._headers_bytes = 0
         self._wait_uploaded = wait_uploaded
         self._db = db
         self._data = data
@@ -135,6 +141,29 @@ class FileData:
         if h.writable and oi.writers == 0:
             self._notify_changed(h.inode)
         return h.inode
+
+    def _keep_header(self, inode: InodeId, buf: bytearray, plain_len: int) -> None:
+        """Keep the first HEADER_BYTES of a file's chunk 0 as sealed, for the indexer: it then
+        parses the header from memory instead of reading and decrypting the chunk again."""
+        if self._changed is None:
+            return
+        self.forget_header(inode)
+        if self._headers_bytes + HEADER_BYTES > HEADER_MEMORY:
+            return  # the indexer is far behind: it reads the header itself
+        header = bytes(buf[: min(plain_len, HEADER_BYTES)])
+        self._headers[inode] = header
+        self._headers_bytes += len(header)
+
+    def take_header(self, inode: InodeId) -> bytes | None:
+        """The start of the file as last sealed (up to HEADER_BYTES), if it was kept; the
+        caller checks its length against the file size."""
+        header = self._headers.pop(inode, None)
+        if header is not None:
+            self._headers_bytes -= len(header)
+        return header
+
+    def forget_header(self, inode: InodeId) -> None:
+        self.take_header(inode)
 
     def is_being_written(self, inode: InodeId) -> bool:
         oi = self.open.get(inode)
@@ -260,6 +289,8 @@ class FileData:
             if plain_len > 0:
                 key = await self._data.write_chunk(oi.key, idx, memoryview(dc.buf)[:plain_len])
                 oi.changes += 1
+                if idx == 0:
+                    self._keep_header(oi.key.inode, dc.buf, plain_len)
                 if self._wait_uploaded is not None:
                     oi.staged.add(key)
         except BaseException:
@@ -368,6 +399,7 @@ class FileData:
         try:
             while oi.sealing:
                 await next(iter(oi.sealing.values())).done.wait()
+            self.forget_header(inode)  # chunk 0 may change; a reseal keeps it again
             if new_size < oi.size:
                 first_gone = chunk_count(new_size, self.chunk_size)
                 for idx in [i for i in oi.dirty if i >= first_gone]:

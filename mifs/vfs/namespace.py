@@ -103,6 +103,7 @@ class Namespace:
         row = tables.get_inode(self._db, inode)
         if row is not None and row.nlink == 0:
             tables.delete_inode(self._db, inode)
+            self._files.forget_header(inode)
 
     # --- reading the tree ---------------------------------------------------------------------
 
