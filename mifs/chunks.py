@@ -18,6 +18,7 @@ import errno
 import logging
 import secrets
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
@@ -326,9 +327,9 @@ class DataPath:
         if foreground:
             self.foreground_fetches += 1
         try:
-            blob = await self._get_from_store(key)
             try:
-                data = await trio.to_thread.run_sync(self._open_and_fill, fk, row, blob, group, limiter=self._crypto)
+                # Read, authenticate and cache in one worker-thread hop.
+                data = await self._get_from_store(key, lambda blob: self._open_and_fill(fk, row, blob, group))
             except IntegrityError:
                 self._integrity_failure(fk, row, "store")
                 raise
@@ -351,11 +352,12 @@ class DataPath:
             self._plain.put(row.object_key, data)
         return row.stored_len
 
-    async def _get_from_store(self, key: ObjectKey) -> bytes:
-        """The store retries transient failures (store.retry); this bounds how long a reader waits."""
+    async def _get_from_store(self, key: ObjectKey, then: Callable[[bytes], bytes]) -> bytes:
+        """then(the object), from the store, which retries transient failures (store.retry);
+        this bounds how long a reader waits."""
         with trio.move_on_after(self._fetch_timeout):
             try:
-                return await self._store.get(key)
+                return await self._store.get_then(key, then)
             except (StoreUnavailable, StorePermissionDenied) as exc:
                 log.error("fetching object %s failed: %s", key, exc)
                 raise DataUnavailable(f"object {key} could not be fetched") from None

@@ -192,6 +192,23 @@ async def test_get_missing(store: ObjectStore) -> None:
         await store.get(_key("never-written"))
 
 
+async def test_get_then_runs_the_continuation_on_the_object(store: ObjectStore) -> None:
+    key = _key("data/ab/then")
+    await store.put(key, _data(70_000, seed=3))
+    assert await store.get_then(key, lambda blob: (len(blob), blob[:3])) == (70_000, _data(3, seed=3))
+
+    class Refused(Exception):
+        pass
+
+    def refuse(blob: bytes) -> bytes:
+        raise Refused(len(blob))
+
+    with pytest.raises(Refused):  # the continuation's own errors pass through untouched
+        await store.get_then(key, refuse)
+    with pytest.raises(ObjectNotFound):
+        await store.get_then(_key("data/ab/absent"), lambda blob: blob)
+
+
 async def test_exists(store: ObjectStore) -> None:
     key = _key("data/04/here")
     assert await store.exists(key) is False

@@ -7,6 +7,8 @@ behind tests/faultproxy.py injecting 5xx answers, dropped connections and trunca
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import os
 import random
@@ -84,6 +86,9 @@ class ScriptedStore:
         assert isinstance(result, bytes)
         return result
 
+    async def get_then(self, key: ObjectKey, then: Any) -> Any:
+        return then(await self.get(key))
+
     async def delete(self, key: ObjectKey) -> None:
         await self._op("delete", lambda: self.objects.pop(key, None))
 
@@ -140,6 +145,16 @@ async def test_every_operation_is_retried(op: str, autojump_clock: trio.testing.
     assert result == expected[op]
     assert [name for name, _ in inner.calls] == [op] * 3
     assert store.statistics().retries == 2
+
+
+async def test_get_then_retries_the_read_and_runs_the_continuation_once(autojump_clock: trio.testing.MockClock) -> None:
+    inner = ScriptedStore()
+    store = RetryingStore(inner, max_attempts=5, base_delay=0.5, max_delay=4)
+    await store.put(K, b"payload")
+    inner.fail("get", *unavailable(2))
+    calls: list[bytes] = []
+    assert await store.get_then(K, lambda blob: calls.append(blob) or len(blob)) == 7
+    assert calls == [b"payload"]
 
 
 async def test_object_not_found_is_an_answer_not_retried() -> None:

@@ -11,6 +11,7 @@ import errno
 import os
 import secrets
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import trio
 
@@ -18,6 +19,8 @@ from mifs.localfs import fsync_dir
 from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
 from mifs.store.base import check_key
 from mifs.types import ObjectKey
+
+T = TypeVar("T")
 
 TMP_DIR = ".tmp"
 
@@ -150,6 +153,9 @@ class LocalDirStore:
 
     async def get(self, key: ObjectKey) -> bytes:
         return await trio.to_thread.run_sync(self._get_sync, key, limiter=self._limiter)
+
+    async def get_then(self, key: ObjectKey, then: Callable[[bytes], T]) -> T:
+        return await trio.to_thread.run_sync(lambda: then(self._get_sync(key)), limiter=self._limiter)
 
     def _delete_sync(self, key: ObjectKey) -> None:
         try:

@@ -178,6 +178,10 @@ class RetryingStore:
     async def get(self, key: ObjectKey) -> bytes:
         return await self._retry("get", key, lambda: self.inner.get(key))
 
+    async def get_then(self, key: ObjectKey, then: Callable[[bytes], _T]) -> _T:
+        """Only the read is retried: `then` runs once per successful read."""
+        return await self._retry("get", key, lambda: self.inner.get_then(key, then))
+
     async def delete(self, key: ObjectKey) -> None:
         await self._retry("delete", key, lambda: self.inner.delete(key))
 

@@ -399,6 +399,9 @@ class S3Store:
     async def get(self, key: ObjectKey) -> bytes:
         return await self._run(self._get_sync, key)
 
+    async def get_then(self, key: ObjectKey, then: Callable[[bytes], _T]) -> _T:
+        return await self._run(lambda: then(self._get_sync(key)))
+
     def _exists_sync(self, key: ObjectKey) -> bool:
         # A HEAD of a key in a missing bucket is a plain 404 too: check_access() tells them apart.
         try:
