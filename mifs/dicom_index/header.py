@@ -1,5 +1,6 @@
 """Reading the identifying header of one DICOM instance from the first bytes of a file.
-
+Must not do I/O, touch the database or log values: it gets bytes and returns what they say (as
+metadb.studies.InstanceFields, the shape the index stores).
 Must not do I/O, touch the database or log values: it gets bytes and returns what they say.
 This is pydicom's one home in mifs. Parsing stops after group 0020 (datasets are sorted by
 tag, and every indexed attribute lives in groups 0008-0020), so pixel data and large trailing
@@ -19,6 +20,8 @@ from typing import Any
 import pydicom
 import pydicom.config
 from pydicom.tag import BaseTag
+
+from mifs.metadb.studies import InstanceFields
 
 # pydicom's validation messages can quote element values (PHI): never let them reach a log.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -40,22 +43,8 @@ class Verdict(enum.Enum):
     NEED_MORE = "need-more"  # the prefix ended before the header did
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    patient_id: str
-    patient_name: str
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    study_date: str | None  # ISO 8601 (YYYY-MM-DD), or None when absent or invalid
-    study_time: str | None  # HH:MM:SS, or None
-    accession_number: str
-    study_description: str
-    series_number: int | None
-    instance_number: int | None
-    transfer_syntax: str | None
+InstanceHeader = InstanceFields
+"""What the index keeps of an instance; the type lives with the tables that store it."""
 
 
 @dataclass(frozen=True)

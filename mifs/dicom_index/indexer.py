@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from mifs.cache import ChunkCache
-from mifs.dicom_index.header import InstanceHeader, ParseResult, Verdict, is_part10, parse_header
+from mifs.dicom_index.header import ParseResult, Verdict, is_part10, parse_header
 from mifs.errors import FsError, NotCached
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
@@ -43,14 +43,6 @@ class IndexerStatistics:
     other: int
     deferred: int
     failed: int
-
-
-def fields_of(header: InstanceHeader) -> studies.InstanceFields:
-    return studies.InstanceFields(
-        header.patient_id, header.patient_name, header.study_uid, header.series_uid, header.sop_uid,
-        header.sop_class_uid, header.modality, header.study_date, header.study_time, header.accession_number,
-        header.study_description, header.series_number, header.instance_number, header.transfer_syntax,
-    )
 
 
 class Indexer:
@@ -135,7 +127,7 @@ class Indexer:
     def _record(self, inode: InodeId, result: ParseResult) -> None:
         keys = studies.chunk_keys(self._db, inode)
         if result.verdict is Verdict.DICOM and result.header is not None:
-            sid = studies.put_instance(self._db, inode, fields_of(result.header))
+            sid = studies.put_instance(self._db, inode, result.header)
             self._cache.assign_group(keys, sid)
             self.indexed += 1
         elif result.verdict in (Verdict.MALFORMED, Verdict.NEED_MORE):

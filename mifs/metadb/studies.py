@@ -23,7 +23,8 @@ _BATCH = 500
 
 @dataclass(frozen=True)
 class InstanceFields:
-    """What the index keeps of one instance (a copy of dicom_index.header.InstanceHeader)."""
+    """What the index keeps of one instance: what dicom_index.header reads from its header.
+    Dates are ISO 8601 (YYYY-MM-DD) and times HH:MM:SS, or None when absent or invalid."""
 
     patient_id: str
     patient_name: str
