@@ -1,7 +1,7 @@
 """Reading the identifying header of one DICOM instance from the first bytes of a file.
+
 Must not do I/O, touch the database or log values: it gets bytes and returns what they say (as
 metadb.studies.InstanceFields, the shape the index stores).
-Must not do I/O, touch the database or log values: it gets bytes and returns what they say.
 This is pydicom's one home in mifs. Parsing stops after group 0020 (datasets are sorted by
 tag, and every indexed attribute lives in groups 0008-0020), so pixel data and large trailing
 sequences are never read; a prefix too short to reach that point asks for more bytes
