@@ -102,7 +102,8 @@ def seal_chunk(
     _check_key(dek)
     nonce = os.urandom(NONCE_LEN)
     header = CHUNK_MAGIC + bytes([CHUNK_VERSION, flags]) + nonce
-    sealed = AESGCM(dek).encrypt(nonce, bytes(plaintext), chunk_aad(archive_id, file_id, index, generation, header))
+    # No bytes() copy of a chunk-sized buffer: AESGCM reads any buffer.
+    sealed = AESGCM(dek).encrypt(nonce, plaintext, chunk_aad(archive_id, file_id, index, generation, header))
     return header + sealed
 
 
@@ -119,8 +120,8 @@ def open_chunk(
     header = blob[:CHUNK_HEADER_LEN]
     nonce = header[6:CHUNK_HEADER_LEN]
     try:
-        payload = AESGCM(dek).decrypt(
-            nonce, blob[CHUNK_HEADER_LEN:], chunk_aad(archive_id, file_id, index, generation, header)
+        payload = AESGCM(dek).decrypt(  # a view, not a copy, of the chunk-sized ciphertext
+            nonce, memoryview(blob)[CHUNK_HEADER_LEN:], chunk_aad(archive_id, file_id, index, generation, header)
         )
     except InvalidTag:
         raise IntegrityError("chunk failed authentication") from None
