@@ -8,6 +8,7 @@ still unmounts everything and stops SeaweedFS.
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def _profile(ctx: Context, workloads: list[Workload], systems: list[System], sta
 def run(options: Options) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     ctx = Context(options)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C, kill and a closed terminal all end in the same cleanup (also when started from a
+    # shell that ignores SIGINT in background jobs).
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     samples: list[Sample] = []
     systems: list[System] = []
     workloads: list[Workload] = []
@@ -123,7 +126,8 @@ def run(options: Options) -> int:
             f"mifs: {ctx.mifs.version()}, git {_git_describe()}, run from a copy of mifs/ taken at the start "
             f"(content hash {ctx.mifs_source}); "
             f"S3: SeaweedFS {_weed_version(ctx)} on 127.0.0.1",
-            f"study: {study.describe()}",
+            f"study: {len(study.files)} CT files ({study.series} series x {study.slices_per_series} slices, "
+            f"512x512 16-bit), {study.total_bytes / 1e6:.1f} MB",
             f"repeats: {options.repeats} (median, min–max), systems interleaved (order rotated each repeat)",
         ]
         for workload in workloads:
@@ -150,7 +154,7 @@ def run(options: Options) -> int:
                     ctx.log(f"  {_brief(sample, workload)}")
         loads.append(load_average())
         header.append(f"1-minute load average at the start and before each repeat and at the end: "
-                      f"{', '.join(f'{x:.1f}' for x in loads)} (2 CPUs; above ~0.5 other work disturbed the figures)")
+                      f"{', '.join(f'{x:.1f}' for x in loads)} ({os.cpu_count()} CPUs; well above 0 means other work ran)")
         if max(loads) > options.idle_load:
             ctx.note(f"the machine was busy with other work during the run (load average up to {max(loads):.1f}): "
                      "figures are noisy; see 'other CPU s'")
@@ -166,7 +170,8 @@ def run(options: Options) -> int:
         status, error = "failed", f"internal error: {exc!r}"
         traceback.print_exc()
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the unmounts
+        for sig in previous:  # a second Ctrl-C must not skip the unmounts
+            signal.signal(sig, signal.SIG_IGN)
         try:
             for system in systems:
                 try:
@@ -175,8 +180,8 @@ def run(options: Options) -> int:
                     ctx.log(f"closing {system.name} failed: {exc}")
             ctx.close()
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return _report(ctx, stamp, status, error, header, workloads, systems, samples, profiles)
 
 
