@@ -20,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions as bce
 import trio
 import urllib3
+from botocore.auth import S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.httpsession import get_cert_path
 
@@ -204,6 +206,8 @@ class S3Store:
         )
         self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
         self._limiter = trio.CapacityLimiter(opts.max_threads)
+        self._credentials: Any = session.get_credentials()
+        self._get_url_base: str | None = None
         self._direct: urllib3.PoolManager | None = None
         if not any(os.environ.get(v) for v in _PROXY_VARIABLES):  # botocore handles proxies
             ca = os.fspath(opts.ca_bundle) if opts.ca_bundle else os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
@@ -351,9 +355,7 @@ class S3Store:
         proxy is configured (botocore knows how to use one)."""
         assert self._direct is not None
         try:
-            url = self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self._object_name(key)}, ExpiresIn=300
-            )
+            url = self._presigned_get_url(self._object_name(key))
         except (bce.BotoCoreError, bce.ClientError) as exc:
             raise self._translate(exc, what) from None
         try:
@@ -381,6 +383,24 @@ class S3Store:
         if length is not None and length.isdigit() and int(length) != len(reply.data):
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
         return bytes(reply.data)
+
+    def _presigned_get_url(self, name: str) -> str:
+        """A GET URL for object `name`, signed (SigV4 query) by botocore's signer with the
+        session's current credentials. The URL's base (endpoint, addressing style, bucket) is
+        taken once from a URL the client presigned itself; signing per object then costs half
+        of what generate_presigned_url does with its per-request event machinery."""
+        base = self._get_url_base
+        if base is None:
+            probe = "mifs-url-probe"
+            url = self._client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=300)
+            head = url.split("?", 1)[0]
+            base = self._get_url_base = head[: -len(probe)] if head.endswith("/" + probe) else ""
+        credentials = self._credentials.get_frozen_credentials() if self._credentials is not None else None
+        if not base or credentials is None:
+            return str(self._client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=300))
+        request = AWSRequest(method="GET", url=base + quote(name, safe="/~"))
+        S3SigV4QueryAuth(credentials, "s3", self.region, expires=300).add_auth(request)
+        return str(request.url)
 
     def _get_sync(self, key: ObjectKey) -> bytes:
         what = f"get of {key}"
