@@ -15,7 +15,6 @@ import logging.handlers
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from mifs.errors import (
     WrongKey,
 )
 from mifs.metadb import studies, tables
+from mifs.mounttable import mount_fstype, raise_readahead, run_fusermount
 from mifs.metadb.db import DatabaseTooNew, MetaDb
 from mifs.metasync import MetadataReplicator, restore, store_has_metadata
 from mifs.sdnotify import Notifier
@@ -182,41 +182,6 @@ def check_fuse_available() -> None:
         raise UserError("fusermount3 is not installed (apt-get install fuse3)", EXIT_FUSE)
 
 
-def _mountinfo_entry(real_path: str) -> list[str] | None:
-    """The /proc/self/mountinfo fields of the mount at an already resolved path, or None.
-
-    Never stats the path: callers inside the daemon must not touch their own mount."""
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == real_path:
-                    return fields
-    except OSError:
-        return None
-    return None
-
-
-def live_mifs_mounts() -> list[Path]:
-    """Mount points of every mifs filesystem mounted in this mount namespace."""
-    found = []
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if "-" in fields and fields[fields.index("-") + 1] == "fuse.mifs":
-                    found.append(Path(fields[4].encode().decode("unicode_escape")))
-    except OSError:
-        return []
-    return found
-
-
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
-    fields = _mountinfo_entry(os.path.realpath(path))
-    return fields[fields.index("-") + 1] if fields else None
-
-
 def check_mountpoint(path: Path) -> None:
     try:
         os.stat(path)
@@ -291,36 +256,6 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def raise_readahead(real_mountpoint: str, kib: int = 1024) -> bool:
-    """Let the kernel read ahead 1 MiB on this mount (FUSE's default is 128 KiB): sequential
-    reads then arrive as 1 MiB requests, about 1.6x faster (FUSE-NOTES). Best effort, root.
-
-    Takes the mount point already resolved: resolving it now would stat the mount itself,
-    which from the daemon's own event loop would wait for itself forever.
-    """
-    fields = _mountinfo_entry(real_mountpoint)
-    if fields is None:
-        return False
-    try:
-        with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
-            bdi.write(str(kib))
-    except OSError:
-        return False
-    return True
-
-
-def run_fusermount(mountpoint: Path, lazy: bool = False) -> str | None:
-    """Unmount through fusermount3; returns None on success or its complaint."""
-    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode == 0:
-        return None
-    text = proc.stderr.strip().splitlines()
-    if text and "busy" in text[-1].lower():
-        return f"mountpoint {mountpoint} is busy (a process still uses it)"
-    return text[-1] if text else f"fusermount3 exited with {proc.returncode}"
 
 
 # --- serving -----------------------------------------------------------------------------------

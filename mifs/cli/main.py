@@ -41,12 +41,11 @@ from mifs.mount import (
     default_cache_dir,
     default_key_file,
     mount,
-    mount_fstype,
     open_archive,
     open_cache_db,
-    run_fusermount,
     translate,
 )
+from mifs.mounttable import mount_fstype, run_fusermount
 from mifs.store.url import StoreOptions, open_store, parse_store_url
 
 

@@ -1,0 +1,77 @@
+"""The host's mount table as mifs needs it: which mounts are mifs, unmounting through
+fusermount3, and the kernel read-ahead of a FUSE mount.
+
+Must not know about archives or the daemon's objects; plain functions over /proc, /sys and
+fusermount3. Callers inside the daemon pass paths already resolved (see raise_readahead).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def mountinfo_entry(real_path: str) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the mount at an already resolved path, or None.
+
+    Never stats the path: callers inside the daemon must not touch their own mount."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == real_path:
+                    return fields
+    except OSError:
+        return None
+    return None
+
+
+def live_mifs_mounts() -> list[Path]:
+    """Mount points of every mifs filesystem mounted in this mount namespace."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if "-" in fields and fields[fields.index("-") + 1] == "fuse.mifs":
+                    found.append(Path(fields[4].encode().decode("unicode_escape")))
+    except OSError:
+        return []
+    return found
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
+    fields = mountinfo_entry(os.path.realpath(path))
+    return fields[fields.index("-") + 1] if fields else None
+
+
+def raise_readahead(real_mountpoint: str, kib: int = 1024) -> bool:
+    """Let the kernel read ahead 1 MiB on this mount (FUSE's default is 128 KiB): sequential
+    reads then arrive as 1 MiB requests, about 1.6x faster (FUSE-NOTES). Best effort, root.
+
+    Takes the mount point already resolved: resolving it now would stat the mount itself,
+    which from the daemon's own event loop would wait for itself forever.
+    """
+    fields = mountinfo_entry(real_mountpoint)
+    if fields is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
+            bdi.write(str(kib))
+    except OSError:
+        return False
+    return True
+
+
+def run_fusermount(mountpoint: Path, lazy: bool = False) -> str | None:
+    """Unmount through fusermount3; returns None on success or its complaint."""
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    text = proc.stderr.strip().splitlines()
+    if text and "busy" in text[-1].lower():
+        return f"mountpoint {mountpoint} is busy (a process still uses it)"
+    return text[-1] if text else f"fusermount3 exited with {proc.returncode}"
