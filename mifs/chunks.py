@@ -175,12 +175,12 @@ class DataPath:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _seal_and_stage(
-        self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview, group: int | None
-    ) -> int:
+    def _seal_and_stage(self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview) -> int:
         blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, data)
         try:
-            self._cache.stage_sync(key, blob, group)
+            # Staged without a study: staged chunks are never evicted, and the indexer tags
+            # the file's chunks with their study once the file is closed and indexed.
+            self._cache.stage_sync(key, blob)
         except OSError as exc:
             self._cache.discard_sync(key)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -196,8 +196,7 @@ class DataPath:
         generation = tables.take_generations(self._db, fk.inode)
         key = new_object_key()
         stored_len = await trio.to_thread.run_sync(
-            self._seal_and_stage, fk, idx, generation, key, data, studies.study_of_inode(self._db, fk.inode),
-            limiter=self._crypto,
+            self._seal_and_stage, fk, idx, generation, key, data, limiter=self._crypto
         )
         old = tables.put_chunk(
             self._db,
