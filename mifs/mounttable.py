@@ -10,35 +10,34 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
+
+
+def _mount_entries() -> Iterator[tuple[str, str, list[str]]]:
+    """(mount point, filesystem type, all fields) of each line of /proc/self/mountinfo, in
+    order (the last entry for a point is the one on top); nothing if it cannot be read."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and "-" in fields[4:]:
+            after = fields[fields.index("-", 4) + 1 :]
+            yield fields[4].encode().decode("unicode_escape"), after[0] if after else "", fields
 
 
 def mountinfo_entry(real_path: str) -> list[str] | None:
     """The /proc/self/mountinfo fields of the mount at an already resolved path, or None.
 
     Never stats the path: callers inside the daemon must not touch their own mount."""
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == real_path:
-                    return fields
-    except OSError:
-        return None
-    return None
+    return next((fields for point, _, fields in _mount_entries() if point == real_path), None)
 
 
 def live_mifs_mounts() -> list[Path]:
     """Mount points of every mifs filesystem mounted in this mount namespace."""
-    found = []
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if "-" in fields and fields[fields.index("-") + 1] == "fuse.mifs":
-                    found.append(Path(fields[4].encode().decode("unicode_escape")))
-    except OSError:
-        return []
-    return found
+    return [Path(point) for point, fstype, _ in _mount_entries() if fstype == "fuse.mifs"]
 
 
 def mount_fstype(path: Path) -> str | None:
