@@ -5,8 +5,8 @@ StoreUnavailable for the retry wrapper (mifs.store.retry). boto3 is imported her
 
 Concurrency: every boto3 call runs in a worker thread (``trio.to_thread.run_sync``) under one
 CapacityLimiter; the single boto3 client is shared by those threads (botocore clients are
-thread-safe) and its connection pool is as large as the limiter. GETs go out through a URL
-that client presigns and a urllib3 pool of the same size (see _direct_get_sync), unless a
+thread-safe) and its connection pool is as large as the limiter. GETs are signed here and go
+out over pooled http.client connections (mifs.store.s3_direct, see _direct_get_sync), unless a
 proxy is configured. Cancelling an operation waits
 for the request in flight, which the connect/read timeouts bound; a multipart upload also
 stops between parts and is aborted, so cancellation leaves either the old object or the new one.
@@ -20,20 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+import http.client
+import ssl
+from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions as bce
 import trio
-import urllib3
-from botocore.auth import S3SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.httpsession import get_cert_path
 
 from mifs.errors import MifsError, ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.store.base import check_key
+from mifs.store.s3_direct import ConnectFailed, Credentials, DirectGetter
 from mifs.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -207,14 +207,8 @@ class S3Store:
         self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
         self._limiter = trio.CapacityLimiter(opts.max_threads)
         self._credentials: Any = session.get_credentials()
-        self._get_url_base: str | None = None
-        self._direct: urllib3.PoolManager | None = None
-        if not any(os.environ.get(v) for v in _PROXY_VARIABLES):  # botocore handles proxies
-            ca = os.fspath(opts.ca_bundle) if opts.ca_bundle else os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-            self._direct = urllib3.PoolManager(
-                num_pools=4, maxsize=opts.max_threads, cert_reqs="CERT_REQUIRED", ca_certs=ca, retries=False,
-                timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
-            )
+        self._direct_getter: DirectGetter | None = None
+        self._direct_ready = not any(os.environ.get(v) for v in _PROXY_VARIABLES)  # botocore handles proxies
 
     @property
     def description(self) -> str:
@@ -348,30 +342,28 @@ class S3Store:
     # --- get, exists, delete, list ----------------------------------------------------------
 
     def _direct_get_sync(self, key: ObjectKey, what: str) -> bytes:
-        """GET through a URL presigned by botocore: the same signed request without botocore's
-        per-request machinery, which costs about a millisecond of Python (and of the GIL) per
-        object, the largest cost of a cold study read. An error answer is parsed as botocore
-        parses it and mapped by _translate, so both paths fail the same way. Used unless a
-        proxy is configured (botocore knows how to use one)."""
-        assert self._direct is not None
+        """GET through a URL signed here (mifs.store.s3_direct): the request botocore would
+        send, without its per-request machinery, which costs about a millisecond of Python (and
+        of the GIL) per object, the largest cost of a cold study read. An error answer is
+        parsed as botocore parses it and mapped by _translate, so both paths fail the same way."""
+        getter = self._direct_getter
+        assert getter is not None
         try:
-            url = self._presigned_get_url(self._object_name(key))
-        except (bce.BotoCoreError, bce.ClientError) as exc:
-            raise self._translate(exc, what) from None
-        try:
-            reply = self._direct.request("GET", url, preload_content=True, decode_content=False, redirect=False)
-        except urllib3.exceptions.SSLError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
-                raise StorePermissionDenied(f"TLS certificate of {self.endpoint} not trusted (CA bundle?)") from None
+            reply = getter.get(self._object_name(key))
+        except ConnectFailed as exc:
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({exc})") from None
+        except ssl.SSLCertVerificationError:
+            raise StorePermissionDenied(f"TLS certificate of {self.endpoint} not trusted (CA bundle?)") from None
+        except ssl.SSLError:
             raise StoreUnavailable(f"{what}: TLS failure talking to {self.endpoint}") from None
-        except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError subclass)
-            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
-        except urllib3.exceptions.TimeoutError:
+        except TimeoutError:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} timed out") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except http.client.IncompleteRead:
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object") from None
+        except (http.client.HTTPException, OSError) as exc:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
         if reply.status != 200:
-            code, message = _error_code(reply.data)
+            code, message = _error_code(reply.body)
             if not code and reply.status in (301, 307):
                 code = str(reply.status)
             response: Any = {
@@ -379,32 +371,42 @@ class S3Store:
                 "ResponseMetadata": {"HTTPStatusCode": reply.status},
             }
             raise self._translate(bce.ClientError(response, "GetObject"), what)
-        length = reply.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) != len(reply.data):
+        if reply.content_length is not None and reply.content_length != len(reply.body):
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
-        return bytes(reply.data)
+        return reply.body
 
-    def _presigned_get_url(self, name: str) -> str:
-        """A GET URL for object `name`, signed (SigV4 query) by botocore's signer with the
-        session's current credentials. The URL's base (endpoint, addressing style, bucket) is
-        taken once from a URL the client presigned itself; signing per object then costs half
-        of what generate_presigned_url does with its per-request event machinery."""
-        base = self._get_url_base
-        if base is None:
-            probe = "mifs-url-probe"
+    def _direct_get_setup(self) -> DirectGetter | None:
+        """The direct getter, made on first use: its URL base (endpoint, addressing style,
+        bucket) is taken from a URL the boto3 client presigns once, so both paths address the
+        bucket alike. None when boto3 must do the GETs (a proxy, or credentials it can't share)."""
+        if self._direct_getter is not None or not self._direct_ready:
+            return self._direct_getter
+        probe = "mifs-url-probe"
+        try:
             url = self._client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=300)
-            head = url.split("?", 1)[0]
-            base = self._get_url_base = head[: -len(probe)] if head.endswith("/" + probe) else ""
-        credentials = self._credentials.get_frozen_credentials() if self._credentials is not None else None
-        if not base or credentials is None:
-            return str(self._client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=300))
-        request = AWSRequest(method="GET", url=base + quote(name, safe="/~"))
-        S3SigV4QueryAuth(credentials, "s3", self.region, expires=300).add_auth(request)
-        return str(request.url)
+        except (bce.BotoCoreError, bce.ClientError) as exc:
+            raise self._translate(exc, "signing a GET") from None
+        head = str(url).split("?", 1)[0]
+        if self._credentials is None or not head.endswith("/" + probe):
+            self._direct_ready = False
+            return None
+        opts = self.options
+        ca = os.fspath(opts.ca_bundle) if opts.ca_bundle else os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+        credentials = self._credentials
+
+        def current_credentials() -> Credentials:
+            frozen = credentials.get_frozen_credentials()  # refreshes temporary credentials
+            return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        self._direct_getter = DirectGetter(
+            head[: -len(probe)], self.region, current_credentials, ca_file=ca,
+            connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout, max_idle=opts.max_threads,
+        )
+        return self._direct_getter
 
     def _get_sync(self, key: ObjectKey) -> bytes:
         what = f"get of {key}"
-        if self._direct is not None:
+        if self._direct_get_setup() is not None:
             return self._direct_get_sync(key, what)
         reply = self._call(what, self._client.get_object, Key=self._object_name(key))
         body = reply["Body"]
@@ -502,4 +504,6 @@ class S3Store:
 
     async def aclose(self) -> None:
         """Close the client's connection pool; the store is unusable afterwards."""
+        if self._direct_getter is not None:
+            self._direct_getter.close()
         self._client.close()
