@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -72,6 +72,14 @@ def new_descriptor(kek: MasterKey, chunk_size: int) -> Descriptor:
         kek_id=kek.kek_id,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+
+
+async def rewrite_descriptor(store: ObjectStore, desc: Descriptor, kek: MasterKey) -> Descriptor:
+    """Replace the descriptor by one naming (and authenticated by) `kek`: the last step of a
+    key rotation. Everything else in it stays as it was."""
+    rekeyed = replace(desc, kek_id=kek.kek_id)
+    await store.put(DESCRIPTOR_KEY, encode_descriptor(rekeyed, kek))
+    return rekeyed
 
 
 async def check_no_archive(store: ObjectStore) -> None:

@@ -24,7 +24,7 @@ import trio
 
 from mifs.cache import ChunkCache
 from mifs.crypto import envelope
-from mifs.crypto.keyring import MasterKey
+from mifs.crypto.keyring import KeyRing
 from mifs.errors import (
     DataUnavailable,
     IntegrityError,
@@ -106,7 +106,7 @@ class DataPath:
     def __init__(
         self,
         *,
-        kek: MasterKey,
+        keyring: KeyRing,
         archive_id: ArchiveId,
         db: MetaDb,
         cache: ChunkCache,
@@ -121,7 +121,7 @@ class DataPath:
     ) -> None:
         """store_is_local: the store is a directory on this host, so a "store fetch" costs no
         more than a cache read (local-only reads may use it)."""
-        self._kek = kek
+        self._keyring = keyring
         self._archive_id = archive_id
         self._db = db
         self._cache = cache
@@ -153,10 +153,10 @@ class DataPath:
     # --- keys ---------------------------------------------------------------------------------
 
     def new_file_key(self) -> tuple[FileId, bytes]:
-        """A fresh file id and its data key, wrapped under the KEK, for a new file."""
+        """A fresh file id and its data key, wrapped under the current KEK, for a new file."""
         file_id = envelope.new_file_id()
         dek = envelope.new_data_key()
-        return file_id, envelope.wrap_data_key(self._kek, self._archive_id, file_id, dek)
+        return file_id, envelope.wrap_data_key(self._keyring.current, self._archive_id, file_id, dek)
 
     def file_key(self, inode: InodeId, file_id: FileId, wrapped_dek: bytes) -> FileKey:
         """The unwrapped key of a file. The last FILE_KEYS_KEPT are remembered (a reader's open
@@ -167,7 +167,9 @@ class DataPath:
         if fk is not None:
             self._file_keys.move_to_end(cache_key)
             return fk
-        dek = envelope.unwrap_data_key(self._kek, self._archive_id, file_id, wrapped_dek)
+        # Any KEK the mount holds: during a key rotation a file's key may be under either.
+        kek = self._keyring.get(envelope.wrapped_key_kek_id(wrapped_dek))
+        dek = envelope.unwrap_data_key(kek, self._archive_id, file_id, wrapped_dek)
         fk = self._file_keys[cache_key] = FileKey(inode, file_id, dek)
         if len(self._file_keys) > FILE_KEYS_KEPT:
             self._file_keys.popitem(last=False)

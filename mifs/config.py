@@ -56,6 +56,14 @@ class MountConfig:
     store_url: str
     mountpoint: Path
     key_file: Path | None = None
+    # other key sources (exactly one, or none for the archive's default key file)
+    key_credential: str | None = None
+    key_env: str | None = None
+    passphrase_file: Path | None = None
+    passphrase: bytes | None = field(default=None, repr=False)  # typed at the prompt; memory only
+    kms_key_id: str | None = None
+    kms_endpoint: str | None = None
+    kms_region: str | None = None
     cache_dir: Path | None = None
     foreground: bool = False
     fuse_options: list[str] = field(default_factory=list)
@@ -89,13 +97,19 @@ class MountConfig:
 
 # --- the TOML config file (docs/CONFIG.md) -------------------------------------------------------
 
-_PATH_KEYS = {"mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"}
+_PATH_KEYS = {"mountpoint", "key_file", "passphrase_file", "cache_dir", "log_file", "ca_bundle"}
+_STRING_KEYS = {"key_credential", "key_env", "kms_key_id", "kms_endpoint", "kms_region"}
+_RENAMED = {"store": "store_url", "options": "fuse_options", "kms.key_id": "kms_key_id", "kms.endpoint": "kms_endpoint", "kms.region": "kms_region"}
 _BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
-_TOP_LEVEL = {"store", "mountpoint", "key_file", "cache_dir", "cache_size", "options", "log_file", "debug"}
+_TOP_LEVEL = {
+    "store", "mountpoint", "key_file", "key_credential", "key_env", "passphrase_file", "cache_dir", "cache_size", "options",
+    "log_file", "debug",
+}
 _SECTIONS: dict[str, set[str]] = {
     "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
+    "kms": {"key_id", "endpoint", "region"},
     "dicom": {"index", "prefetch", "prefetch_priors", "prefetch_parallel"},
     "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes"},
@@ -119,7 +133,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
             for sub, subvalue in value.items():
                 if sub not in _SECTIONS[key]:
                     raise UserError(f"config file {path}: unknown key {key}.{sub}", 2)
-                values[sub] = subvalue
+                values[_RENAMED.get(f"{key}.{sub}", str(sub))] = subvalue
         elif key in _TOP_LEVEL:
             values[key] = value
         else:
@@ -127,13 +141,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     known = {f.name for f in fields(MountConfig)}
     result: dict[str, Any] = {}
     for key, value in values.items():
-        name = "store_url" if key == "store" else "fuse_options" if key == "options" else key
+        name = _RENAMED.get(key, key)
         if name not in known:
             raise UserError(f"config file {path}: unknown key {key!r}", 2)
         if key in _PATH_KEYS:
             if not isinstance(value, str):
                 raise UserError(f"config file {path}: {key} must be a string path", 2)
             value = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+        elif key in _STRING_KEYS and not isinstance(value, str):
+            raise UserError(f"config file {path}: {key} must be a string", 2)
         elif key in _SIZE_KEYS and isinstance(value, str):
             value = parse_size(value, key)
         elif key in _BOOL_KEYS and not isinstance(value, bool):

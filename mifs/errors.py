@@ -54,6 +54,19 @@ class KeyFileError(MifsError):
     """A key file is missing, unreadable, badly formatted or too permissive."""
 
 
+class KeyUnavailable(MifsError):
+    """The key service (KMS) could not be reached or refused to decrypt for reasons other
+    than a wrong key (throttling, disabled key, missing permission, timeout)."""
+
+
+class KeyRetired(MifsError):
+    """The key source holds a master key that a key rotation retired."""
+
+
+class RotationError(MifsError):
+    """A key rotation cannot start or continue (another one in progress, key reused, ...)."""
+
+
 # --- errors inside the filesystem (mapped to errno by fuse_ops) ------------------------------
 
 

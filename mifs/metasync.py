@@ -26,7 +26,7 @@ import os
 import secrets
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -141,6 +141,29 @@ class MetadataReplicator:
             elif self._pending:
                 await self._segment()
 
+    async def rekey(self, db_key: bytes, replica_key: bytes, commit: Callable[[], Awaitable[None]]) -> int:
+        """Key rotation: re-encrypt the local database under db_key, then store a snapshot
+        sealed under replica_key and delete every older snapshot and journal segment (sealed
+        under the old key). Returns the new snapshot's commit seq.
+
+        Runs under the replication lock (no snapshot reads the database meanwhile); `commit`
+        makes the open transaction durable, and nothing checkpoints between the last check
+        that nothing is uncommitted and the rekey. Cancelled or killed part-way, the database
+        is under one key or the other and the store may hold blobs under both: a later call
+        finishes the job (restore tries every key it is given)."""
+        async with self._lock:
+            while True:
+                await commit()
+                if not self._db.dirty:
+                    break
+            groups, _overflow = self._db.take_journal()  # the snapshot below covers them all
+            self._pending.extend(groups)
+            if not self._db.keyed_with(db_key):
+                self._db.rekey(db_key)
+            self._key = replica_key
+            seq = await self._snapshot(keep=1)
+            return seq
+
     async def _segment(self) -> None:
         groups = self._pending
         first, last = groups[0][0], groups[-1][0]
@@ -151,7 +174,7 @@ class MetadataReplicator:
         self.shipped_seq = last
         self._segments_since_snapshot += 1
 
-    async def _snapshot(self) -> None:
+    async def _snapshot(self, keep: int = KEEP_SNAPSHOTS) -> int:
         tmp = self._work_dir / f"snapshot-{secrets.token_hex(8)}.db"
         try:
             seq = await trio.to_thread.run_sync(self._db.snapshot_to_sync, tmp)
@@ -168,11 +191,12 @@ class MetadataReplicator:
         self.shipped_seq = seq
         if self._pending:
             await self._segment()
-        await self._prune(seq)
+        await self._prune(seq, keep)
+        return seq
 
-    async def _prune(self, newest: int) -> None:
+    async def _prune(self, newest: int, count: int = KEEP_SNAPSHOTS) -> None:
         snapshots = sorted(_seq_of_snapshot(k) for k in await self._store.list(SNAPSHOT_PREFIX))
-        keep = set(snapshots[-KEEP_SNAPSHOTS:]) | {newest}
+        keep = set(snapshots[-count:]) | {newest}
         oldest_kept = min(keep)
         for seq in snapshots:
             if seq not in keep:
@@ -189,20 +213,33 @@ def _open(key: bytes, kind: int, name: ObjectKey, blob: bytes) -> bytes:
     return envelope.open_blob(key, kind, name.encode("ascii"), blob)
 
 
+def _open_any(keys: Sequence[tuple[bytes, bytes]], kind: int, name: ObjectKey, blob: bytes) -> tuple[bytes, bytes]:
+    """Open a blob sealed under any of the (replica key, database key) pairs (during a key
+    rotation the store holds blobs under both KEKs); the payload and its database key."""
+    for key, db_key in keys:
+        try:
+            return _open(key, kind, name, blob), db_key
+        except IntegrityError:
+            continue
+    raise IntegrityError("metadata blob failed authentication")
+
+
 async def store_has_metadata(store: ObjectStore) -> bool:
     return bool(await store.list(SNAPSHOT_PREFIX))
 
 
-async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) -> tuple[int, int]:
+async def restore(store: ObjectStore, keys: Sequence[tuple[bytes, bytes]], db_path: Path) -> tuple[int, int]:
     """Rebuild the metadata database at db_path from the newest snapshot in the store and the
-    journal segments after it. Returns (snapshot seq, final commit seq)."""
+    journal segments after it. keys: (replica key, database key) pairs, one per KEK the mount
+    holds. The rebuilt database is under the key of the snapshot it came from. Returns
+    (snapshot seq, final commit seq)."""
     snapshots = sorted(await store.list(SNAPSHOT_PREFIX), key=_seq_of_snapshot)
     if not snapshots:
         raise FileNotFoundError("no metadata snapshot in the store")
     newest = _seq_of_snapshot(snapshots[-1])
     for name in reversed(snapshots):  # newest first; an older one only if the journal bridges the gap
         try:
-            image = _open(key, KIND_SNAPSHOT, name, await store.get(name))
+            image, db_key = _open_any(keys, KIND_SNAPSHOT, name, await store.get(name))
             break
         except IntegrityError:
             log.error("metadata snapshot %s failed authentication; trying an older one", name)
@@ -225,7 +262,7 @@ async def restore(store: ObjectStore, key: bytes, db_path: Path, db_key: bytes) 
         for name in segments:
             if _range_of_segment(name)[1] <= snap_seq:
                 continue
-            groups.extend(decode_journal(_open(key, KIND_JOURNAL, name, await store.get(name))))
+            groups.extend(decode_journal(_open_any(keys, KIND_JOURNAL, name, await store.get(name))[0]))
         db.replay(groups)
         if db.commit_seq < newest:
             # Never silently roll the archive back to an older state (a damaged or tampered

@@ -24,22 +24,28 @@ from typing import Any, Callable
 import trio
 
 from mifs import __version__
-from mifs.archive import Descriptor, load_descriptor, verify_descriptor
+from mifs.archive import Descriptor, load_descriptor
 from mifs.cache import ChunkCache
 from mifs.chunks import DataPath
 from mifs.commits import Committer
 from mifs.config import MountConfig
 from mifs.control_protocol import socket_path
 from mifs.control_server import ControlServer
-from mifs.crypto.keyring import MasterKey, load_key_file
+from mifs.crypto.keyring import KeyRing, MasterKey
+from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource
 from mifs.dicom_index.catalog import StudyCatalog
 from mifs.dicom_index.commands import StudyCommands
 from mifs.dicom_index.indexer import Indexer
+from mifs.keyrotation import KeyRotation
+from mifs.keystore import RotationRecord, open_keyring
 from mifs.dicom_index.prefetch import Prefetcher
 from mifs.errors import (
     ArchiveCorrupt,
     ArchiveExists,
     KeyFileError,
+    KeyRetired,
+    KeyUnavailable,
+    RotationError,
     StoreNotFound,
     StorePermissionDenied,
     StoreUnavailable,
@@ -70,6 +76,9 @@ EXIT_MOUNTPOINT = 6
 EXIT_FUSE = 7
 EXIT_DAEMON = 8
 EXIT_NOT_FOUND = 9
+EXIT_KEY_UNAVAILABLE = 10
+EXIT_KEY_RETIRED = 11
+EXIT_ROTATION = 12
 
 LOG_FILE = "mifs.log"
 DB_FILE = "meta.db"
@@ -84,8 +93,45 @@ class OpenedArchive:
     location: StoreLocation
     store: ObjectStore
     descriptor: Descriptor
-    kek: MasterKey | None
-    key_file: Path | None
+    keyring: KeyRing | None
+    key_source: KeySource | None
+    rotation: RotationRecord | None = None
+
+    @property
+    def kek(self) -> MasterKey | None:
+        """The current KEK (during a rotation: the new one)."""
+        return self.keyring.current if self.keyring is not None else None
+
+    def keks(self) -> list[MasterKey]:
+        """Every KEK held, the current one first."""
+        if self.keyring is None:
+            return []
+        return [self.keyring.current] + [self.keyring.get(i) for i in self.keyring.ids() if i != self.keyring.current.kek_id]
+
+
+def key_source_of(cfg: MountConfig) -> KeySource | None:
+    """The key source a mount config names (None: the default key file of the archive)."""
+    chosen = [
+        name for name, value in (
+            ("key_file", cfg.key_file), ("key_credential", cfg.key_credential), ("key_env", cfg.key_env),
+            ("passphrase", cfg.passphrase_file or cfg.passphrase), ("kms_key_id", cfg.kms_key_id),
+        ) if value
+    ]
+    if len(chosen) > 1:
+        raise UserError(f"give one key source, not {' and '.join(chosen)}", EXIT_USAGE)
+    if cfg.key_file is not None:
+        return KeySource(KIND_FILE, path=cfg.key_file)
+    if cfg.key_credential:
+        return KeySource(KIND_CREDENTIAL, name=cfg.key_credential)
+    if cfg.key_env:
+        return KeySource(KIND_ENV, name=cfg.key_env)
+    if cfg.passphrase_file is not None or cfg.passphrase is not None:
+        return KeySource(KIND_PASSPHRASE, path=cfg.passphrase_file, passphrase=cfg.passphrase)
+    if cfg.kms_key_id:
+        return KeySource(KIND_KMS, name=cfg.kms_key_id, endpoint=cfg.kms_endpoint, region=cfg.kms_region)
+    if cfg.kms_endpoint or cfg.kms_region:
+        raise UserError("--kms-endpoint and --kms-region need --kms-key-id", EXIT_USAGE)
+    return None
 
 
 def default_key_file(archive_id_hex: str) -> Path:
@@ -106,7 +152,8 @@ def translate(exc: Exception) -> UserError:
         return exc
     table: list[tuple[type[Exception], int]] = [
         (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (StorePermissionDenied, EXIT_STORE), (WrongKey, EXIT_KEY),
-        (ArchiveExists, EXIT_ARCHIVE),
+        (ArchiveExists, EXIT_ARCHIVE), (KeyUnavailable, EXIT_KEY_UNAVAILABLE), (KeyRetired, EXIT_KEY_RETIRED),
+        (RotationError, EXIT_ROTATION),
         (KeyFileError, EXIT_KEY), (ArchiveCorrupt, EXIT_ARCHIVE), (DatabaseTooNew, EXIT_ARCHIVE),
     ]
     for cls, code in table:
@@ -120,23 +167,28 @@ def store_options(cfg: MountConfig) -> StoreOptions:
 
 
 async def open_archive(
-    store_url: str, key_file: Path | None, *, need_key: bool = True, options: StoreOptions | None = None
+    store_url: str, key: KeySource | None, *, need_key: bool = True, options: StoreOptions | None = None
 ) -> OpenedArchive:
+    """Open the store and the archive's keyring. key None: the archive's default key file
+    (only if it exists, unless need_key). During a key rotation the keyring holds both KEKs
+    (see keystore.open_keyring)."""
     location = parse_store_url(store_url)
     try:
         store = await open_store(location, options=options)
         descriptor, tag = await load_descriptor(store)
-        kek = None
-        if key_file is None:
+        keyring = None
+        rotation = None
+        if key is None:
             candidate = default_key_file(descriptor.archive_id_hex)
             if candidate.exists() or need_key:
-                key_file = candidate
-        if key_file is not None:
-            kek = load_key_file(key_file)
-            verify_descriptor(descriptor, tag, kek)
-    except (StoreNotFound, StoreUnavailable, StorePermissionDenied, WrongKey, KeyFileError, ArchiveCorrupt) as exc:
+                key = KeySource(KIND_FILE, path=candidate)
+        if key is not None:
+            keyring, rotation = await open_keyring(key, store, descriptor, tag)
+    except (
+        StoreNotFound, StoreUnavailable, StorePermissionDenied, WrongKey, KeyFileError, ArchiveCorrupt, KeyUnavailable, KeyRetired,
+    ) as exc:
         raise translate(exc) from None
-    return OpenedArchive(location, store, descriptor, kek, key_file)
+    return OpenedArchive(location, store, descriptor, keyring, key, rotation)
 
 
 def open_cache_db(cache_dir: Path, archive: OpenedArchive) -> MetaDb:
@@ -149,10 +201,26 @@ def open_cache_db(cache_dir: Path, archive: OpenedArchive) -> MetaDb:
             raise UserError(f"cache dir {cache_dir} belongs to another archive", EXIT_ARCHIVE)
     else:
         marker.write_text(archive_hex + "\n")
-    try:
-        return MetaDb(cache_dir / DB_FILE, archive.kek.derive(archive.descriptor.archive_id, "metadb"))
-    except (WrongKey, DatabaseTooNew) as exc:
-        raise translate(exc) from None
+    # During a key rotation the database may still be under the old KEK (the rotation
+    # re-keys it); otherwise it is under the current one.
+    keks = archive.keks()
+    for kek in keks:
+        try:
+            return MetaDb(cache_dir / DB_FILE, kek.derive(archive.descriptor.archive_id, "metadb"))
+        except WrongKey as exc:
+            if kek is keks[-1]:
+                raise translate(exc) from None
+        except DatabaseTooNew as exc:
+            raise translate(exc) from None
+    raise AssertionError("unreachable")
+
+
+def kek_of_db(db: MetaDb, archive: OpenedArchive) -> MasterKey:
+    """The KEK the open metadata database is under."""
+    for kek in archive.keks():
+        if db.keyed_with(kek.derive(archive.descriptor.archive_id, "metadb")):
+            return kek
+    raise AssertionError("the database is under no key of the keyring")
 
 
 async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
@@ -165,10 +233,8 @@ async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
     marker = cache_dir / ARCHIVE_MARKER
     if not marker.exists():
         marker.write_text(desc.archive_id_hex + "\n")
-    snap, seq = await restore(
-        archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), cache_dir / DB_FILE,
-        archive.kek.derive(desc.archive_id, "metadb"),
-    )
+    keys = [(k.derive(desc.archive_id, "metadata-replica"), k.derive(desc.archive_id, "metadb")) for k in archive.keks()]
+    snap, seq = await restore(archive.store, keys, cache_dir / DB_FILE)
     log.info("rebuilt the metadata from the store: snapshot %016x, journal up to commit %016x", snap, seq)
 
 
@@ -282,8 +348,9 @@ class Daemon:
         self.cache.set_pinned(studies.pinned_ids(self.db))
         self.uploader = Uploader(archive.store, self.cache, self.db, cfg.upload_workers)
         self.committer = Committer(self.db, self.cache, self.uploader)
+        assert archive.keyring is not None and archive.key_source is not None
         self.data = DataPath(
-            kek=archive.kek, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
+            keyring=archive.keyring, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
             fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout, store_is_local=store_is_local,
         )
@@ -320,9 +387,15 @@ class Daemon:
         waiting, deferred = studies.backlog(self.db)
         if waiting or deferred:
             log.info("%d files wait to be indexed, %d more wait for `mifs reindex`", waiting, deferred)
+        # The replica is sealed under the KEK the database is under (they change together).
         self.replicator = MetadataReplicator(
-            self.db, archive.store, archive.kek.derive(desc.archive_id, "metadata-replica"), self.cache.tmp
+            self.db, archive.store, kek_of_db(self.db, archive).derive(desc.archive_id, "metadata-replica"), self.cache.tmp
         )
+        self.key_rotation = KeyRotation(
+            db=self.db, store=archive.store, keyring=archive.keyring, descriptor=desc, own_source=archive.key_source,
+            replicator=self.replicator, committer=self.committer, record=archive.rotation,
+        )
+        self._rotation_scope = trio.CancelScope()
         self.finished = trio.Event()
         self.started = time.time()
         self.real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting: see raise_readahead
@@ -366,6 +439,7 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.files.statistics(),
             **self.study_commands.status(),
+            **self.key_rotation.status(),
         }
 
     async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
@@ -408,7 +482,14 @@ class Daemon:
                 await nursery.start(self.prefetcher.run)
                 task_status.started()
 
+    async def _run_key_rotation(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The key rotation service, in a scope of its own: it stops before the final flush
+        (a rotation cut short there resumes at the next mount)."""
+        with self._rotation_scope:
+            await self.key_rotation.run(task_status=task_status)
+
     async def _shutdown(self) -> dict[str, Any]:
+        self._rotation_scope.cancel()
         self._dicom_scope.cancel()
         await self.fs.shutdown()
         await self.committer.commit_now()
@@ -440,7 +521,7 @@ class Daemon:
         options.update(o for o in self.cfg.fuse_options if o != "rw")
         control = ControlServer(
             socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished,
-            handlers=self.study_commands.handlers(),
+            handlers={**self.study_commands.handlers(), **self.key_rotation.handlers()},
         )
         try:
             pyfuse3.init(ops, str(self.cfg.mountpoint), options)
@@ -455,6 +536,7 @@ class Daemon:
                 await nursery.start(self.files.run)
                 await nursery.start(self.replicator.run)
                 await nursery.start(self._run_dicom_services)
+                await nursery.start(self._run_key_rotation)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._probe_ready, ready)
@@ -477,7 +559,7 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
     """Open everything and serve until unmounted (runs in the daemon process)."""
 
     async def main() -> None:
-        archive = await open_archive(cfg.store_url, cfg.key_file, options=store_options(cfg))
+        archive = await open_archive(cfg.store_url, key_source_of(cfg), options=store_options(cfg))
         cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
         lock_fd = prepare_cache_dir(cache_dir)
         try:
@@ -500,9 +582,11 @@ def mount(cfg: MountConfig) -> None:
     that reports back through a pipe once the mount is live."""
     check_fuse_available()
     check_mountpoint(cfg.mountpoint)
-    archive = trio.run(lambda: open_archive(cfg.store_url, cfg.key_file, options=store_options(cfg)))
+    source = key_source_of(cfg)
+    archive = trio.run(lambda: open_archive(cfg.store_url, source, options=store_options(cfg)))
     cfg.store_url = str(archive.location)  # absolute: the daemon runs in /
-    cfg.key_file = archive.key_file
+    if source is None and archive.key_source is not None:
+        cfg.key_file = archive.key_source.path  # the default key file, found here
     cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
     os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it
     cfg.cache_dir = cache_dir

@@ -514,7 +514,10 @@ class Archive:
         key_file: Path | None,
         flags: Sequence[str] = (),
     ) -> list[object]:
-        args: list[object] = ["mount", self.store_url, mountpoint, "--key-file", key_file or self.key_file,
+        # flags naming another key source (--key-env, --passphrase-file, --kms-key-id, ...) replace --key-file
+        other_source = any(str(f).startswith(("--key-", "--passphrase", "--kms-key-id")) for f in flags)
+        key_args: list[object] = [] if other_source else ["--key-file", key_file or self.key_file]
+        args: list[object] = ["mount", self.store_url, mountpoint, *key_args,
                               "--cache-dir", cache_dir, *self.store_flags, *flags]
         if options:
             args += ["-o", ",".join(options)]

@@ -51,7 +51,7 @@ def test_unit_is_a_notify_service_that_restarts_drains_and_is_hardened() -> None
     assert s["Restart"] == ["on-failure"]
     assert any(v.startswith("mifs.key:") for v in s["LoadCredential"])
     assert "--foreground" in s["ExecStart"][0] and "--config /etc/mifs/%i.toml" in s["ExecStart"][0]
-    assert "%d/mifs.key" in s["ExecStart"][0]
+    assert "--key-credential mifs.key" in s["ExecStart"][0]
     minutes = re.fullmatch(r"(\d+)min", s["TimeoutStopSec"][0])
     assert minutes and int(minutes.group(1)) >= 5, "stopping drains the upload queue: needs time"
     assert s["NoNewPrivileges"] == ["yes"]

@@ -18,6 +18,7 @@ import trio
 
 from mifs import __version__
 from mifs.archive import check_no_archive, create_archive, new_descriptor
+from mifs.cli import keys as key_commands
 from mifs.cli import studies as study_commands
 from mifs.config import (
     DEFAULT_CACHE_SIZE,
@@ -31,6 +32,8 @@ from mifs.config import (
 )
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
+from mifs.crypto.keysource import KIND_FILE
+from mifs.keystore import new_source_key, publish_source_key
 from mifs.errors import MifsError, UserError
 from mifs.metadb import tables
 from mifs.mount import (
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a new archive in a store")
     p.add_argument("store", help="a directory, file:///path or s3://bucket/prefix")
-    p.add_argument("--key-file", type=Path, help="master key file: used if it exists, generated (0600) if not")
+    key_commands.add_key_flags(p)
     p.add_argument("--chunk-size", default="4MiB", help="chunk size (default 4MiB)")
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
     _add_store_flags(p)
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="?", help="the store (or 'store' in --config)")
     p.add_argument("mountpoint", nargs="?", type=Path, help="the mount point (or 'mountpoint' in --config)")
     p.add_argument("--config", type=Path, help="TOML config file (docs/CONFIG.md); flags override it")
-    p.add_argument("--key-file", type=Path)
+    key_commands.add_key_flags(p)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--cache-size", default=None, help=f"local cache limit (default {format_size(DEFAULT_CACHE_SIZE)})")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground and log to stderr")
@@ -93,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show an archive's state")
     p.add_argument("target", nargs="?", help="a mount point or a store (default: the only live mifs mount)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--key-file", type=Path)
+    key_commands.add_key_flags(p)
     p.add_argument("--cache-dir", type=Path)
     _add_store_flags(p)
 
     study_commands.add_parsers(sub)
+    key_commands.add_parsers(sub, _add_store_flags)
     return parser
 
 
@@ -127,6 +131,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"chunk size must be a multiple of 4KiB between {format_size(MIN_CHUNK_SIZE)} and {format_size(MAX_CHUNK_SIZE)}", EXIT_USAGE
         )
     location = parse_store_url(args.store)
+    source = key_commands.key_source_from_args(args, new=True)
+    if source is not None and source.kind != KIND_FILE:
+        return _init_with_source(args, location, chunk_size, source)
     key_file: Path | None = args.key_file
     existing_key = key_file is not None and key_file.exists()
     kek = load_key_file(key_file) if existing_key and key_file else MasterKey.generate()
@@ -159,6 +166,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_with_source(args: argparse.Namespace, location: Any, chunk_size: int, source: Any) -> int:
+    """init with a key that is not a key file mifs may generate: a systemd credential or
+    environment variable (read), a passphrase (derived with a fresh salt) or KMS (a generated
+    KEK, wrapped by KMS). The key objects go to the store before the descriptor."""
+
+    async def run() -> str:
+        store = await open_store(location, create=True, options=_store_options(args), create_bucket=args.create_bucket)
+        await check_no_archive(store)
+        kek, params = await new_source_key(source)
+        desc = new_descriptor(kek, chunk_size)
+        await publish_source_key(source, store, desc.archive_id, kek, params)
+        await create_archive(store, desc, kek)
+        return desc.archive_id_hex
+
+    archive_id = trio.run(run)
+    print(f"created archive {archive_id} in {location}")
+    print(f"chunk size: {format_size(chunk_size)}")
+    print(f"master key: {source.describe()}")
+    return 0
+
+
 # --- mount / umount ----------------------------------------------------------------------------
 
 
@@ -183,7 +211,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {
         "store_url": args.store,
         "mountpoint": args.mountpoint,
-        "key_file": args.key_file,
         "cache_dir": args.cache_dir,
         "log_file": args.log_file,
         "cache_size": parse_size(args.cache_size, "cache size") if args.cache_size else None,
@@ -197,6 +224,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "profile": args.profile,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(key_commands.mount_key_values(args))
     for flag, name in ((args.foreground, "foreground"), (args.debug, "debug"), (args.sync_uploads, "sync_uploads")):
         if flag:
             values[name] = True
@@ -207,7 +235,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         values["fuse_options"] = list(values.get("fuse_options", [])) + _fuse_options(args.options)
     if not values.get("store_url") or not values.get("mountpoint"):
         raise UserError("mount needs a store and a mount point (arguments or 'store'/'mountpoint' in --config)", EXIT_USAGE)
-    for name in ("mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"):
+    for name in ("mountpoint", "key_file", "passphrase_file", "cache_dir", "log_file", "ca_bundle"):
         if values.get(name) is not None:
             values[name] = Path(values[name]).absolute()
     mount(MountConfig(**values))
@@ -269,7 +297,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
-    archive = trio.run(lambda: open_archive(args.target, args.key_file, need_key=False, options=_store_options(args)))
+    source = key_commands.key_source_from_args(args)
+    archive = trio.run(lambda: open_archive(args.target, source, need_key=False, options=_store_options(args)))
     desc = archive.descriptor
     status: dict[str, Any] = {
         "mounted": False,
@@ -344,7 +373,10 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, **study_commands.COMMANDS}
+COMMANDS = {
+    "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, **study_commands.COMMANDS,
+    **key_commands.COMMANDS,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

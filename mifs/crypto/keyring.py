@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mifs.localfs import fsync_dir
-from mifs.errors import KeyFileError
+from mifs.errors import KeyFileError, WrongKey
 from mifs.types import ARCHIVE_ID_LEN, KEY_LEN, ArchiveId
 
 KEY_FILE_PREFIX = "MIFS-KEK-1:"
@@ -113,3 +113,41 @@ def load_key_file(path: Path, *, check_mode: bool = True) -> MasterKey:
     except IsADirectoryError:
         raise KeyFileError(f"key file {path} is a directory") from None
     return parse_key_text(text, f"key file {path}")
+
+
+class KeyRing:
+    """The KEKs a mount holds: `current` wraps every new data key; any held KEK unwraps.
+
+    Normally one key. During a key rotation two: the new one (current) and the old one, until
+    nothing references the old one any more (see keyrotation). Mutated only on the trio thread.
+    """
+
+    def __init__(self, current: MasterKey, *others: MasterKey) -> None:
+        self._keys: dict[bytes, MasterKey] = {current.kek_id: current}
+        for key in others:
+            self._keys.setdefault(key.kek_id, key)
+        self.current = current
+
+    def get(self, kek_id: bytes) -> MasterKey:
+        """The KEK with this id; WrongKey if this mount does not hold it."""
+        key = self._keys.get(kek_id)
+        if key is None:
+            raise WrongKey(f"this mount does not hold master key {kek_id.hex()}")
+        return key
+
+    def holds(self, kek_id: bytes) -> bool:
+        return kek_id in self._keys
+
+    def ids(self) -> list[bytes]:
+        return list(self._keys)
+
+    def add(self, key: MasterKey, *, make_current: bool = False) -> None:
+        self._keys.setdefault(key.kek_id, key)
+        if make_current:
+            self.current = self._keys[key.kek_id]
+
+    def drop(self, kek_id: bytes) -> None:
+        """Forget a KEK (after it was retired); the current one cannot be dropped."""
+        if kek_id == self.current.kek_id:
+            raise ValueError("cannot drop the current master key")
+        self._keys.pop(kek_id, None)

@@ -10,6 +10,7 @@ temp_store=MEMORY keeps SQLite's temporary tables off the disk, where they would
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -127,6 +128,20 @@ class MetaDb:
             self._conn.execute("ROLLBACK")
             self._in_txn = False
             self._txn_log = []
+
+    def rekey(self, key: bytes) -> None:
+        """Re-encrypt the whole database under a new key (SQLCipher PRAGMA rekey: one
+        transaction, so a crash leaves it under the old or the new key, never mixed). Blocks
+        for the time it takes to rewrite every page; the caller commits first."""
+        if self._in_txn:
+            raise RuntimeError("rekey inside an open transaction")
+        self._conn.execute(f"PRAGMA rekey = \"x'{key.hex()}'\"")
+        self._key = key
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def keyed_with(self, key: bytes) -> bool:
+        """Whether the database is encrypted under `key` (tells which KEK it is under)."""
+        return hmac.compare_digest(self._key, key)
 
     # --- replication (see metasync) ---------------------------------------------------------
 
