@@ -179,8 +179,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode != ROOT_INODE and not self._allowed(ctx):
-            raise pyfuse3.FUSEError(errno.EACCES)  # not audited: the kernel revalidates often
+        if inode != ROOT_INODE:
+            self._gate(ctx, "getattr", inode)
         return self._entry(self.fs.ns.getattr(InodeId(inode)))
 
     @_handler(mutating=True)

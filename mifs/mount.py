@@ -429,8 +429,9 @@ class Daemon:
             if isinstance(v, (str, int, float, bool)) and k not in ("op", "action", "uid", "gid", "pid")
         }
         if isinstance(request.get("uid"), int):
-            details["filter_uid"] = request["uid"]
-        self.trail.admin(action, actor, **details)
+            details["uid"] = request["uid"]
+        # Nested, so that a query's filters (patient, study) never read as the record's own ids.
+        self.trail.admin(action, actor, request=details or None)
 
     async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
         self.cfg.wait_uploads_on_exit = wait_for_uploads

@@ -49,7 +49,16 @@ class AuditCommands:
     async def _report(self) -> verify.Report:
         await self._trail.flush()
         image = await verify.read_image(self._trail.store, self._trail.spool)
-        return verify.analyse(self._trail.keys, self._trail.archive_id, image, live_session=self._trail.session)
+        report = verify.analyse(self._trail.keys, self._trail.archive_id, image, live_session=self._trail.session)
+        state = self._trail.open_state()
+        if state is not None:
+            segment, written = state
+            found = next((len(s.records) for s in report.segments if s.number == segment), 0)
+            if found < written:
+                report.problems.append(
+                    f"segment {segment}: {written - found} of its {written} records are missing from the local spool (deleted or truncated)"
+                )
+        return report
 
     async def _verify(self, request: dict[str, Any], send: Send) -> None:
         report = await self._report()

@@ -65,7 +65,7 @@ class Who:
 
 @dataclass
 class _OpenFile:
-    who: Who
+    who: dict[str, Any]
     op: str
     target: dict[str, Any]
     opened_ms: int
@@ -130,7 +130,8 @@ class FsAudit:
             target = self._target(inode, parent=parent, name=name)
             if truncated:
                 target["truncated"] = True
-            self._open[fh] = _OpenFile(who, op, target, time.time_ns() // 1_000_000)
+            # The process is looked up now: at release it may be gone.
+            self._open[fh] = _OpenFile(self._who(who), op, target, time.time_ns() // 1_000_000)
         self._safe(go)
 
     def read(self, fh: int, count: int) -> None:
@@ -150,8 +151,8 @@ class FsAudit:
         target = dict(entry.target)
         if "patient" not in target and "ino" in target:
             self._safe(lambda: target.update(self._ids(InodeId(target["ino"]))))
-        self._emit(entry.op, entry.who, {
-            **target, "bytes_read": entry.bytes_read, "bytes_written": entry.bytes_written,
+        self._emit(entry.op, None, {
+            **entry.who, **target, "bytes_read": entry.bytes_read, "bytes_written": entry.bytes_written,
             "opened_ms": entry.opened_ms,
         })
 

@@ -161,7 +161,7 @@ def open_frames(keys: AuditKeys, archive_id: ArchiveId, segment: int, data: byte
 
 
 def end_line(keys: AuditKeys, body: bytes, records: int, last_seq: int, last: str, **extra: Any) -> bytes:
-    end = {"records": records, "last_seq": last_seq, "last": last, **extra}
+    end = {"records": records, "last_seq": last_seq, "last": last, **{k: v for k, v in extra.items() if v is not None}}
     tag = envelope.mac(keys.mac_key, body + canonical(end))
     return canonical({"end": end, "hmac": tag.hex()})
 
@@ -265,6 +265,8 @@ def parse_segment(keys: AuditKeys, archive_id: ArchiveId, number: int, lines: li
         hashes.append(prev)
         records.append(rec)
         expect_seq = (seq if isinstance(seq, int) else expect_seq) + 1
+    if end is not None and end.get("spool_modified"):
+        problems.append(f"{where}: its local spool file was modified or truncated while the segment was open (sealed from the daemon's copy)")
     if end is not None:
         if end.get("records") != len(records) or (records and end.get("last") != hashes[-1]):
             problems.append(f"{where}: end line does not match its records ({end.get('records')} announced, {len(records)} present: truncated or extended)")

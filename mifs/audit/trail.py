@@ -160,6 +160,9 @@ class AuditTrail:
         self._seg_records = 0
         self._seg_started = 0.0
         self._sealed_meta: dict[int, tuple[int, str]] = {}
+        self._seg_lines: list[bytes] = []
+        """The open segment's header and records as written to the spool: the segment is
+        sealed from this copy, so an edit of the spool file while open cannot slip in."""
         self._lock = trio.Lock()
         self._ship_wakeup = trio.Event()
         self._flush_wakeup = trio.Event()
@@ -234,6 +237,7 @@ class AuditTrail:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._segment, self._frame, self._offset = fd, segment, 1, len(frame)
+        self._seg_lines = [header]
         doc = json.loads(header)
         self.spool.write_atomic(
             HEAD_FILE,
@@ -272,6 +276,7 @@ class AuditTrail:
             raise
         self._frame += 1
         self._offset += len(frame)
+        self._seg_lines.extend(batch)
 
     async def flush(self) -> None:
         """Make every record so far durable in the spool. On a disk error the records stay
@@ -299,10 +304,11 @@ class AuditTrail:
         before open-N is removed, and the new open file before the head names it."""
         n = self._segment
         data = self.spool.read(open_name(n)) or b""
-        lines, _frames, problem = records.open_frames(self.keys, self.archive_id, n, data)
-        if problem:
-            raise OSError(f"the open audit segment {n} cannot be read back: {problem}")
-        plain, last_seq, last = records.build_segment(self.keys, lines)
+        on_disk, _frames, problem = records.open_frames(self.keys, self.archive_id, n, data)
+        modified = bool(problem) or on_disk != self._seg_lines
+        if modified:
+            log.error("the local spool file of audit segment %d was modified while open; sealing the records written", n)
+        plain, last_seq, last = records.build_segment(self.keys, self._seg_lines, spool_modified=True if modified else None)
         self.spool.write_atomic(sealed_name(n), records.seal_segment(self.keys, self.archive_id, n, plain))
         self._sealed_meta[n] = (last_seq, last)
         if open_next is not None:
@@ -392,6 +398,10 @@ class AuditTrail:
                 log.warning("%s; retrying in %.0fs", self.last_error, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 60.0)
+
+    def open_state(self) -> tuple[int, int] | None:
+        """(open segment, records written to its spool file), None when closed."""
+        return (self._segment, len(self._seg_lines) - 1) if self._fd >= 0 else None
 
     def statistics(self) -> TrailStatistics:
         return TrailStatistics(

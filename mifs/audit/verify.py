@@ -243,7 +243,7 @@ def select(report: Report, query: Query, enrich: Enrich | None = None) -> list[d
             continue
         if query.uid is not None and rec.get("uid") != query.uid:
             continue
-        if (query.patient or query.study) and "patient" not in rec and isinstance(rec.get("ino"), int) and enrich:
+        if enrich is not None and "patient" not in rec and isinstance(rec.get("ino"), int) and rec.get("ev") != "denied":
             extra = enrich(rec["ino"])
             if extra:
                 rec = {**rec, **extra, "ids_from_index": True}
