@@ -321,3 +321,21 @@ def test_read_only_mount_refuses_changes_with_erofs(archive: Archive) -> None:
     assert [r["path"] for r in session if r["ev"] == "open-read"] == ["/keep"]
     assert not [r for r in session if r["ev"] in ("create", "open-write", "unlink", "chmod", "mkdir")]
     assert [r["path"] for r in rows[:last_mount] if r["ev"] == "create"] == ["/keep"]
+
+
+@pytest.mark.expect_log(r"integrity failure", r"failed authentication")
+def test_integrity_failure_is_audited(archive: Archive) -> None:
+    arc = archive
+    arc.mount()
+    write_file(arc.mountpoint / "victim", b"v" * 5000)
+    arc.umount()
+    (key, path), = arc.chunk_objects().items()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    arc.replace_object(key, bytes(data), also_cache=True)
+    arc.mount()
+    with pytest.raises(OSError) as info:
+        (arc.mountpoint / "victim").read_bytes()
+    assert info.value.errno == errno.EIO
+    failures = [r for r in audit_json(arc) if r["ev"] == "integrity-failure"]
+    assert failures and {r["path"] for r in failures} == {"/victim"} and failures[0]["chunk"] == 0, failures
