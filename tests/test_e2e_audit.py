@@ -339,3 +339,14 @@ def test_integrity_failure_is_audited(archive: Archive) -> None:
     assert info.value.errno == errno.EIO
     failures = [r for r in audit_json(arc) if r["ev"] == "integrity-failure"]
     assert failures and {r["path"] for r in failures} == {"/victim"} and failures[0]["chunk"] == 0, failures
+
+
+def test_audit_cli_errors_are_one_line(archive: Archive, tmp_path: Path) -> None:
+    arc = archive
+    from mifs_e2e import assert_cli_error
+
+    assert_cli_error(arc.run_cli("audit", "verify", tmp_path), 8)  # not a mifs mount
+    assert_cli_error(arc.run_cli("audit", "query", "--store", arc.store, "--key-file", arc.key_file,
+                                 "--until", "soon"), EXIT_USAGE)
+    assert_cli_error(arc.run_cli("audit", "verify", "--store", arc.store, "--key-file", arc.key_file), 5)  # never mounted
+    assert_cli_error(arc.run_cli("mount", arc.store, arc.mountpoint, "--allow-uid", "x"), EXIT_USAGE)
