@@ -118,6 +118,7 @@ class DataPath:
         staging_timeout: float = 120.0,
         crypto_threads: int = 4,
         store_is_local: bool = False,
+        on_integrity_failure: Callable[[InodeId, int, str], None] | None = None,
     ) -> None:
         """store_is_local: the store is a directory on this host, so a "store fetch" costs no
         more than a cache read (local-only reads may use it)."""
@@ -142,6 +143,8 @@ class DataPath:
         self._last_read: dict[InodeId, int] = {}
         self._nursery: trio.Nursery | None = None
         self.integrity_failures = 0
+        self._on_integrity_failure = on_integrity_failure
+        """Told (inode, chunk index, where) of every chunk that fails authentication (audit)."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Owns the nursery of read-ahead fetches."""
@@ -371,6 +374,8 @@ class DataPath:
             "integrity failure: object %s (inode %d, chunk %d, generation %d) from %s failed authentication",
             row.object_key, fk.inode, row.idx, row.generation, where,
         )
+        if self._on_integrity_failure is not None:
+            self._on_integrity_failure(fk.inode, row.idx, where)
 
     def _schedule_readahead(self, fk: FileKey, idx: int) -> None:
         last = self._last_read.get(fk.inode)

@@ -89,6 +89,10 @@ class MountConfig:
     addressing_style: str = "auto"
     ca_bundle: Path | None = None
     profile: str | None = None
+    # access control and the audit trail
+    allow_uids: list[int] = field(default_factory=list)
+    allow_gids: list[int] = field(default_factory=list)
+    audit_segment_seconds: float = 300.0
 
     @property
     def read_only(self) -> bool:
@@ -99,9 +103,11 @@ class MountConfig:
 
 _PATH_KEYS = {"mountpoint", "key_file", "passphrase_file", "cache_dir", "log_file", "ca_bundle"}
 _STRING_KEYS = {"key_credential", "key_env", "kms_key_id", "kms_endpoint", "kms_region"}
-_RENAMED = {"store": "store_url", "options": "fuse_options", "kms.key_id": "kms_key_id", "kms.endpoint": "kms_endpoint", "kms.region": "kms_region"}
+_RENAMED = {"store": "store_url", "options": "fuse_options", "kms.key_id": "kms_key_id", "kms.endpoint": "kms_endpoint", "kms.region": "kms_region",
+            "audit.segment_seconds": "audit_segment_seconds"}
 _BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
+_ID_LIST_KEYS = {"allow_uids", "allow_gids"}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
 _TOP_LEVEL = {
     "store", "mountpoint", "key_file", "key_credential", "key_env", "passphrase_file", "cache_dir", "cache_size", "options",
@@ -111,6 +117,8 @@ _SECTIONS: dict[str, set[str]] = {
     "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
     "kms": {"key_id", "endpoint", "region"},
     "dicom": {"index", "prefetch", "prefetch_priors", "prefetch_parallel"},
+    "access": {"allow_uids", "allow_gids"},
+    "audit": {"segment_seconds"},
     "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes"},
 }
@@ -156,6 +164,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: {key} must be true or false", 2)
         elif key in _COUNT_KEYS and (not isinstance(value, int) or isinstance(value, bool) or value < _COUNT_KEYS[key]):
             raise UserError(f"config file {path}: {key} must be an integer >= {_COUNT_KEYS[key]}", 2)
+        elif key in _ID_LIST_KEYS and not (
+            isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in value)
+        ):
+            raise UserError(f"config file {path}: {key} must be a list of numeric ids", 2)
+        elif key == "audit_segment_seconds" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1):
+            raise UserError(f"config file {path}: audit.segment_seconds must be a number >= 1", 2)
         elif key == "options":
             if isinstance(value, str):
                 value = [o.strip() for o in value.split(",") if o.strip()]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -22,14 +24,20 @@ UnmountFn = Callable[[bool], Awaitable[str | None]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 """A request handler: gets the request and sends its replies (progress lines, then a final one)."""
+Peer = tuple[int, int, int]
+"""(pid, uid, gid) of the process at the other end of the socket (SO_PEERCRED)."""
+OnRequest = Callable[[str, dict[str, Any], Peer | None], None]
+"""Told of every request but status before it runs (mount records admin actions with it)."""
+_UCRED = struct.Struct("3i")
 
 
 class ControlServer:
     def __init__(
         self, path: Path, status: StatusFn, unmount: UnmountFn, finished: trio.Event,
-        handlers: dict[str, Handler] | None = None,
+        handlers: dict[str, Handler] | None = None, on_request: OnRequest | None = None,
     ) -> None:
         self._handlers = handlers or {}
+        self._on_request = on_request
         self._path = path
         self._status = status
         self._unmount = unmount
@@ -73,6 +81,8 @@ class ControlServer:
                         line += data
                 request = decode(line.split(b"\n", 1)[0])
                 op = request.get("op")
+                if isinstance(op, str) and op != "status" and self._on_request is not None:
+                    self._on_request(op, request, _peer(stream))
                 if op == "status":
                     await stream.send_all(encode({"ok": True, "status": self._status()}))
                 elif op == "umount":
@@ -114,3 +124,12 @@ class ControlServer:
                 status = self._status()
                 await stream.send_all(encode({"progress": {k: status.get(k) for k in ("pending_uploads", "pending_bytes")}}))
         await stream.send_all(encode({"ok": True, **self.final_result}))
+
+
+def _peer(stream: trio.SocketStream) -> Peer | None:
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid

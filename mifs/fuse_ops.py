@@ -17,8 +17,9 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 
 from mifs import errors
+from mifs.audit.events import FsAudit, Who
 from mifs.metadb.tables import InodeRow
-from mifs.types import InodeId
+from mifs.types import ROOT_INODE, InodeId
 from mifs.vfs.filesystem import FileSystem
 from mifs.vfs.namespace import Caller
 
@@ -90,14 +91,47 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
+def _who(ctx: pyfuse3.RequestContext) -> Who:
+    return Who(ctx.uid, ctx.gid, ctx.pid)
+
+
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, fs: FileSystem, attr_timeout: float = 60.0) -> None:
+    def __init__(
+        self, fs: FileSystem, attr_timeout: float = 60.0, *, audit: FsAudit | None = None,
+        allow_uids: frozenset[int] = frozenset(), allow_gids: frozenset[int] = frozenset(),
+    ) -> None:
+        """audit: where accesses are recorded (None: not recorded). allow_uids/allow_gids:
+        when either is non-empty, only root and these uids / primary gids may use the mount;
+        everyone else gets EACCES on everything but getattr of the root and statfs."""
         super().__init__()
         self.fs = fs
         self._timeout = attr_timeout
+        self._audit = audit
+        self._allow_uids = allow_uids
+        self._allow_gids = allow_gids
+        self._restricted = bool(allow_uids or allow_gids)
+
+    # --- access control -----------------------------------------------------------------------
+
+    def _allowed(self, ctx: pyfuse3.RequestContext) -> bool:
+        return not self._restricted or ctx.uid == 0 or ctx.uid in self._allow_uids or ctx.gid in self._allow_gids
+
+    def _gate(self, ctx: pyfuse3.RequestContext, op: str, inode: int | None = None, name: bytes | None = None) -> None:
+        """EACCES (and an audit record) for a caller outside the allow list."""
+        if self._allowed(ctx):
+            return
+        if self._audit is not None:
+            self._audit.denied(op, _who(ctx), InodeId(inode) if inode is not None else None, name=name)
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _child(self, parent: int, name: bytes) -> InodeId | None:
+        try:
+            return self.fs.ns.lookup(InodeId(parent), name).id
+        except errors.FsError:
+            return None
 
     def _entry(self, row: InodeRow) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -126,6 +160,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._gate(ctx, "lookup", parent_inode, name)
         try:
             row = self.fs.ns.lookup(InodeId(parent_inode), name)
         except errors.NotFound:
@@ -144,12 +179,15 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode != ROOT_INODE:
+            self._gate(ctx, "getattr", inode)
         return self._entry(self.fs.ns.getattr(InodeId(inode)))
 
     @_handler(mutating=True)
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._gate(ctx, "setattr", inode)
         row = await self.fs.setattr(
             InodeId(inode),
             size=attr.st_size if fields.update_size else None,
@@ -160,31 +198,59 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
+        if self._audit is not None:
+            if fields.update_size:
+                self._audit.changed("truncate", _who(ctx), InodeId(inode), size=row.size)
+            if fields.update_mode:
+                self._audit.changed("chmod", _who(ctx), InodeId(inode), mode=f"{stat.S_IMODE(row.mode):o}")
+            if fields.update_uid or fields.update_gid:
+                self._audit.changed("chown", _who(ctx), InodeId(inode), owner=row.uid, group=row.gid)
         return self._entry(row)
 
     @_handler()
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._gate(ctx, "readlink", inode)
         return self.fs.ns.readlink(InodeId(inode))
 
     @_handler(mutating=True)
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._remembered(self.fs.ns.mknod(InodeId(parent_inode), name, mode, rdev, _caller(ctx)))
+        self._gate(ctx, "mknod", parent_inode, name)
+        row = self.fs.ns.mknod(InodeId(parent_inode), name, mode, rdev, _caller(ctx))
+        if self._audit is not None:
+            self._audit.changed("mknod", _who(ctx), row.id, parent=InodeId(parent_inode), name=name)
+        return self._remembered(row)
 
     @_handler(mutating=True)
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._remembered(self.fs.ns.mkdir(InodeId(parent_inode), name, mode, _caller(ctx)))
+        self._gate(ctx, "mkdir", parent_inode, name)
+        row = self.fs.ns.mkdir(InodeId(parent_inode), name, mode, _caller(ctx))
+        if self._audit is not None:
+            self._audit.changed("mkdir", _who(ctx), row.id, parent=InodeId(parent_inode), name=name)
+        return self._remembered(row)
 
     @_handler(mutating=True)
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._gate(ctx, "unlink", parent_inode, name)
+        target = self._audit.target_of(self._child(parent_inode, name), parent=InodeId(parent_inode), name=name) if self._audit else {}
         self.fs.ns.unlink(InodeId(parent_inode), name)
+        if self._audit is not None:
+            self._audit.record("unlink", _who(ctx), target)
 
     @_handler(mutating=True)
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._gate(ctx, "rmdir", parent_inode, name)
+        target = self._audit.target_of(self._child(parent_inode, name), parent=InodeId(parent_inode), name=name) if self._audit else {}
         self.fs.ns.rmdir(InodeId(parent_inode), name)
+        if self._audit is not None:
+            self._audit.record("rmdir", _who(ctx), target)
 
     @_handler(mutating=True)
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._remembered(self.fs.ns.symlink(InodeId(parent_inode), name, target, _caller(ctx)))
+        self._gate(ctx, "symlink", parent_inode, name)
+        row = self.fs.ns.symlink(InodeId(parent_inode), name, target, _caller(ctx))
+        if self._audit is not None:
+            self._audit.changed("symlink", _who(ctx), row.id, parent=InodeId(parent_inode), name=name)
+        return self._remembered(row)
 
     @_handler(mutating=True)
     async def rename(
@@ -193,16 +259,28 @@ class Operations(pyfuse3.Operations):
         ns_flags = (1 if flags & pyfuse3.RENAME_NOREPLACE else 0) | (2 if flags & pyfuse3.RENAME_EXCHANGE else 0)
         if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        self._gate(ctx, "rename", parent_inode_old, name_old)
+        target: dict[str, object] = {}
+        if self._audit is not None:
+            target = self._audit.target_of(self._child(parent_inode_old, name_old), parent=InodeId(parent_inode_old), name=name_old)
+            target["new_path"] = self._audit.target_of(None, parent=InodeId(parent_inode_new), name=name_new).get("path")
         self.fs.ns.rename(InodeId(parent_inode_old), name_old, InodeId(parent_inode_new), name_new, ns_flags)
+        if self._audit is not None:
+            self._audit.record("rename", _who(ctx), target)
 
     @_handler(mutating=True)
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._remembered(self.fs.ns.link(InodeId(inode), InodeId(new_parent_inode), new_name))
+        self._gate(ctx, "link", inode)
+        row = self.fs.ns.link(InodeId(inode), InodeId(new_parent_inode), new_name)
+        if self._audit is not None:
+            self._audit.changed("link", _who(ctx), row.id, parent=InodeId(new_parent_inode), name=new_name)
+        return self._remembered(row)
 
     # --- directories --------------------------------------------------------------------------
 
     @_handler()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._gate(ctx, "opendir", inode)
         row = self.fs.ns.getattr(InodeId(inode))
         if not stat.S_ISDIR(row.mode):
             raise errors.NotADirectory("not a directory")
@@ -232,23 +310,36 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._gate(ctx, "open", inode)
         fh = await self.fs.open(InodeId(inode), flags)
+        if self._audit is not None:
+            write = (flags & os.O_ACCMODE) != os.O_RDONLY
+            self._audit.opened(fh, _who(ctx), InodeId(inode), write=write, truncated=bool(flags & os.O_TRUNC))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_handler(mutating=True)
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._gate(ctx, "create", parent_inode, name)
         fh, row = await self.fs.create(InodeId(parent_inode), name, mode, flags, _caller(ctx))
+        if self._audit is not None:
+            self._audit.opened(fh, _who(ctx), row.id, write=True, created=True, parent=InodeId(parent_inode), name=name)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(row)
 
     @_handler()
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.fs.files.read(fh, off, size)
+        data = await self.fs.files.read(fh, off, size)
+        if self._audit is not None:
+            self._audit.read(fh, len(data))
+        return data
 
     @_handler(mutating=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.fs.files.write(fh, off, buf)
+        written = await self.fs.files.write(fh, off, buf)
+        if self._audit is not None:
+            self._audit.wrote(fh, written)
+        return written
 
     @_handler()
     async def flush(self, fh: int) -> None:
@@ -256,7 +347,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def release(self, fh: int) -> None:
-        await self.fs.release(fh)
+        try:
+            await self.fs.release(fh)
+        finally:
+            if self._audit is not None:
+                self._audit.released(fh)
 
     @_handler()
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -266,11 +361,15 @@ class Operations(pyfuse3.Operations):
 
     @_handler(mutating=True)
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._gate(ctx, "setxattr", inode)
         self.fs.ns.setxattr(InodeId(inode), name, value)
+        if self._audit is not None:
+            self._audit.changed("setxattr", _who(ctx), InodeId(inode), xattr=name.decode("utf-8", "replace"))
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # The kernel asks for security.capability before every write(2) (file_remove_privs):
         # answer without touching the database while no file carries that attribute.
+        self._gate(ctx, "getxattr", inode)
         if name == CAPABILITY_XATTR and not self.fs.ns.capability_xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return await self._getxattr(inode, name)
@@ -281,16 +380,21 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        self._gate(ctx, "listxattr", inode)
         return self.fs.ns.listxattr(InodeId(inode))
 
     @_handler(mutating=True)
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._gate(ctx, "removexattr", inode)
         self.fs.ns.removexattr(InodeId(inode), name)
+        if self._audit is not None:
+            self._audit.changed("removexattr", _who(ctx), InodeId(inode), xattr=name.decode("utf-8", "replace"))
 
     # --- misc ---------------------------------------------------------------------------------
 
     @_handler()
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._gate(ctx, "access", inode)
         row = self.fs.ns.getattr(InodeId(inode))
         if mode & os.W_OK and (self.fs.read_only or self.fs.failsafe_reason):
             raise errors.ReadOnly("the mount is read-only")

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import trio
 
 from mifs.archive import Descriptor, verify_descriptor
+from mifs.crypto import envelope
 from mifs.crypto.envelope import mac, verify_mac
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.crypto.keysource import (
@@ -60,7 +61,9 @@ class WrappedKeyObject:
     file_id: FileId
 
 
-WRAPPED_KEY_OBJECTS: tuple[WrappedKeyObject, ...] = ()
+WRAPPED_KEY_OBJECTS: tuple[WrappedKeyObject, ...] = (
+    WrappedKeyObject(ObjectKey(envelope.AUDIT_KEY_OBJECT), envelope.AUDIT_KEY_FILE_ID),  # the audit trail's key
+)
 """Every store object that holds one wrapped data key (e.g. the audit trail's `audit/key`):
 register it here and key rotation re-wraps it and `mifs key status` counts it. A missing
 object is skipped (the feature that writes it may be off)."""

@@ -24,13 +24,17 @@ from typing import Any, Callable
 import trio
 
 from mifs import __version__
-from mifs.archive import Descriptor, load_descriptor
+from mifs.archive import Descriptor, load_descriptor, verify_descriptor
+from mifs.audit.commands import AuditCommands
+from mifs.audit.events import FsAudit
+from mifs.audit.spool import SPOOL_DIR, Spool
+from mifs.audit.trail import Actor, AuditError, AuditTrail, open_trail
 from mifs.cache import ChunkCache
 from mifs.chunks import DataPath
 from mifs.commits import Committer
 from mifs.config import MountConfig
 from mifs.control_protocol import socket_path
-from mifs.control_server import ControlServer
+from mifs.control_server import ControlServer, Peer
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource
 from mifs.dicom_index.catalog import StudyCatalog
@@ -79,6 +83,7 @@ EXIT_NOT_FOUND = 9
 EXIT_KEY_UNAVAILABLE = 10
 EXIT_KEY_RETIRED = 11
 EXIT_ROTATION = 12
+EXIT_AUDIT = 13
 
 LOG_FILE = "mifs.log"
 DB_FILE = "meta.db"
@@ -326,11 +331,37 @@ def tune_malloc() -> None:
 
 # --- serving -----------------------------------------------------------------------------------
 
+ADMIN_REQUESTS = {
+    "umount": "umount", "pin": "cache pin", "unpin": "cache unpin", "prefetch": "cache prefetch",
+    "reindex": "reindex", "audit-verify": "audit verify", "audit-query": "audit query",
+    "key-rotate": "key rotate",
+}
+"""Control requests recorded in the audit trail as admin actions (with the requester's uid)."""
+
+
+def _mounting_actor() -> dict[str, Any]:
+    """Who ran `mifs mount`: our uid, plus the login uid and sudo's caller where known."""
+    details: dict[str, Any] = {}
+    try:
+        with open("/proc/self/loginuid") as fh:
+            login = int(fh.read().strip())
+        if login != 0xFFFFFFFF:
+            details["loginuid"] = login
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("SUDO_UID", "").isdigit():
+        details["sudo_uid"] = int(os.environ["SUDO_UID"])
+    return details
+
+
 
 class Daemon:
     """One mounted archive: every component, the pyfuse3 session and the shutdown sequence."""
 
-    def __init__(self, cfg: MountConfig, archive: OpenedArchive, cache_dir: Path) -> None:
+    def __init__(
+        self, cfg: MountConfig, archive: OpenedArchive, cache_dir: Path, trail: AuditTrail,
+        audit_notes: list[tuple[str, dict[str, Any]]],
+    ) -> None:
         import pyfuse3  # noqa: F401 - fail early if missing
 
         assert archive.kek is not None
@@ -339,6 +370,15 @@ class Daemon:
         self.cache_dir = cache_dir
         self.db = open_cache_db(cache_dir, archive)
         desc = archive.descriptor
+        self.trail = trail
+        self.fs_audit = FsAudit(trail, self.db)
+        trail.admin(
+            "mount", Actor(os.getuid(), os.getgid(), os.getpid()), session=trail.session, mountpoint=str(cfg.mountpoint),
+            options=sorted(cfg.fuse_options), read_only=cfg.read_only, allow_uids=cfg.allow_uids or None,
+            allow_gids=cfg.allow_gids or None, version=__version__, **_mounting_actor(),
+        )
+        for event, fields in audit_notes:
+            trail.record(event, **fields)
         # A local-directory store is as fast as the cache: keep no second copy of its chunks.
         store_is_local = archive.location.scheme == "file"
         self.cache = ChunkCache(cache_dir, cfg.cache_size, keep_uploaded=not store_is_local)
@@ -353,6 +393,7 @@ class Daemon:
             keyring=archive.keyring, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
             fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout, store_is_local=store_is_local,
+            on_integrity_failure=self.fs_audit.integrity_failure,
         )
         # vfs -> dicom_index: files closed after writing (to index) and opened for reading
         # (to prefetch their study). Hints only; the durable work list is in the database.
@@ -383,6 +424,7 @@ class Daemon:
         self.study_commands = StudyCommands(
             self.db, StudyCatalog(self.db, self.cache, store_is_local), self.prefetcher, self.indexer, cfg.index
         )
+        self.audit_commands = AuditCommands(trail, self.db)
         self._dicom_scope = trio.CancelScope()
         waiting, deferred = studies.backlog(self.db)
         if waiting or deferred:
@@ -438,9 +480,33 @@ class Daemon:
             "metadata_commit_seq": self.db.commit_seq,
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.files.statistics(),
+            **self._audit_status(),
             **self.study_commands.status(),
             **self.key_rotation.status(),
         }
+
+    def _audit_status(self) -> dict[str, Any]:
+        st = self.trail.statistics()
+        return {
+            "audit_segment": st.segment, "audit_records": st.records, "audit_pending": st.pending,
+            "audit_unshipped_segments": st.unshipped_segments, "audit_shipped_segment": st.shipped_segment,
+            "audit_last_error": st.last_error, **self.fs_audit.statistics(),
+        }
+
+    def _on_control(self, op: str, request: dict[str, Any], peer: Peer | None) -> None:
+        """Record admin requests on the control socket with the requester's credentials."""
+        action = ADMIN_REQUESTS.get(op)
+        if action is None:
+            return
+        actor = Actor(peer[1], peer[2], peer[0]) if peer is not None else Actor(None)
+        details = {
+            k: v for k, v in request.items()
+            if isinstance(v, (str, int, float, bool)) and k not in ("op", "action", "uid", "gid", "pid")
+        }
+        if isinstance(request.get("uid"), int):
+            details["uid"] = request["uid"]
+        # Nested, so that a query's filters (patient, study) never read as the record's own ids.
+        self.trail.admin(action, actor, request=details or None)
 
     async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
         self.cfg.wait_uploads_on_exit = wait_for_uploads
@@ -454,6 +520,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("received signal %d; unmounting", signum)
+                self.trail.admin("umount", None, signal=int(signum))
                 problem = await self.request_unmount()
                 if problem is not None:
                     log.warning("clean unmount failed (%s); detaching lazily", problem)
@@ -508,6 +575,8 @@ class Daemon:
         if scope.cancelled_caught:
             log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
         await trio.to_thread.run_sync(self.cache.stop_behind)
+        self.trail.record("unmounted", session=self.trail.session, integrity_failures=self.data.integrity_failures)
+        await self.trail.close(ship_timeout=60.0 if self.cfg.wait_uploads_on_exit else 5.0)
         up = self.uploader.statistics()
         return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
 
@@ -516,12 +585,18 @@ class Daemon:
 
         from mifs.fuse_ops import Operations
 
-        ops = Operations(self.fs, self.cfg.attr_timeout)
+        ops = Operations(
+            self.fs, self.cfg.attr_timeout, audit=self.fs_audit,
+            allow_uids=frozenset(self.cfg.allow_uids), allow_gids=frozenset(self.cfg.allow_gids),
+        )
         options = {"fsname=mifs", "subtype=mifs", "default_permissions"}
         options.update(o for o in self.cfg.fuse_options if o != "rw")
+        if self.cfg.allow_uids or self.cfg.allow_gids:
+            options.add("allow_other")  # the allow list is for other accounts (the PACS service)
         control = ControlServer(
             socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished,
-            handlers={**self.study_commands.handlers(), **self.key_rotation.handlers()},
+            handlers={**self.study_commands.handlers(), **self.key_rotation.handlers(), **self.audit_commands.handlers()},
+            on_request=self._on_control,
         )
         try:
             pyfuse3.init(ops, str(self.cfg.mountpoint), options)
@@ -530,6 +605,7 @@ class Daemon:
         mounted = True
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.trail.run)
                 await nursery.start(self.uploader.run)
                 await nursery.start(self.committer.run)
                 await nursery.start(self.data.run)
@@ -569,7 +645,17 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 await restore_if_needed(archive, cache_dir)
             except ArchiveCorrupt as exc:
                 raise translate(exc) from None
-            daemon = Daemon(cfg, archive, cache_dir)
+            assert archive.keyring is not None
+            try:
+                trail, notes = await open_trail(
+                    archive.store, archive.keyring, archive.descriptor.archive_id, Spool(cache_dir / SPOOL_DIR),
+                    segment_seconds=cfg.audit_segment_seconds,
+                )
+            except (StoreUnavailable, StorePermissionDenied, AuditError) as exc:
+                raise UserError(f"cannot open the audit trail: {exc}", EXIT_ARCHIVE) from None
+            except OSError as exc:
+                raise UserError(f"cannot open the audit spool in {cache_dir}: {exc.strerror}", EXIT_USAGE) from None
+            daemon = Daemon(cfg, archive, cache_dir, trail, notes)
             await daemon.serve(ready)
         finally:
             os.close(lock_fd)

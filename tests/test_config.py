@@ -106,3 +106,19 @@ def test_format_size_is_readable_by_parse_size_when_whole(n: int) -> None:
     number, unit = text.split(" ")
     assert number.endswith(".0") or unit == "B"
     assert parse_size(number.removesuffix(".0") + unit) == n
+
+
+def test_access_and_audit_sections(tmp_path: "Path") -> None:
+    from pathlib import Path
+
+    from mifs.config import load_config_file
+
+    path = Path(tmp_path) / "m.toml"
+    path.write_text('store = "/s"\n[access]\nallow_uids = [1001, 1002]\nallow_gids = [50]\n[audit]\nsegment_seconds = 30\n')
+    assert load_config_file(path) == {"store_url": "/s", "allow_uids": [1001, 1002], "allow_gids": [50], "audit_segment_seconds": 30}
+    for bad in ('[access]\nallow_uids = ["pacs"]\n', "[access]\nallow_uids = [-1]\n", "[audit]\nsegment_seconds = 0\n",
+                "[access]\nallow_users = [1]\n"):
+        path.write_text(bad)
+        with pytest.raises(UserError) as info:
+            load_config_file(path)
+        assert info.value.exit_code == 2

@@ -18,6 +18,7 @@ import trio
 
 from mifs import __version__
 from mifs.archive import check_no_archive, create_archive, new_descriptor
+from mifs.cli import audit as audit_commands
 from mifs.cli import keys as key_commands
 from mifs.cli import studies as study_commands
 from mifs.config import (
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
+    group = p.add_argument_group("access control")
+    group.add_argument("--allow-uid", type=int, action="append", metavar="N", help="only root and this uid may use the mount (repeatable; implies -o allow_other)")
+    group.add_argument("--allow-gid", type=int, action="append", metavar="N", help="only root and this primary gid may use the mount (repeatable; implies -o allow_other)")
+    group.add_argument("--read-only", action="store_true", help="mount read-only (same as -o ro): every change fails with EROFS")
     group = p.add_argument_group("DICOM")
     group.add_argument("--no-index", action="store_true", help="do not index written files (mifs reindex does it later)")
     group.add_argument("--no-prefetch", action="store_true", help="do not fetch the rest of a study when one of its files is opened")
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study_commands.add_parsers(sub)
     key_commands.add_parsers(sub, _add_store_flags)
+    audit_commands.add_parsers(sub, _add_store_flags)
     return parser
 
 
@@ -233,6 +239,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             values[name] = False
     if args.options:
         values["fuse_options"] = list(values.get("fuse_options", [])) + _fuse_options(args.options)
+    if args.read_only and "ro" not in values.get("fuse_options", []):
+        values["fuse_options"] = list(values.get("fuse_options", [])) + ["ro"]
+    for flag, name in ((args.allow_uid, "allow_uids"), (args.allow_gid, "allow_gids")):
+        if flag:
+            if any(n < 0 or n >= 2**32 for n in flag):
+                raise UserError(f"--{name[:-1].replace('_', '-')} must be a numeric id", EXIT_USAGE)
+            values[name] = list(values.get(name, [])) + list(flag)
     if not values.get("store_url") or not values.get("mountpoint"):
         raise UserError("mount needs a store and a mount point (arguments or 'store'/'mountpoint' in --config)", EXIT_USAGE)
     for name in ("mountpoint", "key_file", "passphrase_file", "cache_dir", "log_file", "ca_bundle"):
@@ -373,9 +386,15 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.audit_command == "verify":
+        return audit_commands.cmd_verify(args, _store_options(args))
+    return audit_commands.cmd_query(args, _store_options(args))
+
+
 COMMANDS = {
-    "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, **study_commands.COMMANDS,
-    **key_commands.COMMANDS,
+    "audit": cmd_audit, "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+    **study_commands.COMMANDS, **key_commands.COMMANDS,
 }
 
 

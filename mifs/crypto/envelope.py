@@ -40,6 +40,13 @@ _CHUNK_AAD_LABEL = b"mifs/v1/chunk"
 BLOB_MAGIC = b"MIFM"
 
 
+AUDIT_KEY_FILE_ID = FileId(b"mifs/audit-key/1")
+"""The reserved file id the audit trail's key is wrapped under (wrap_data_key), like a file's
+data key; no file gets it (file ids are random)."""
+AUDIT_KEY_OBJECT = "audit/key"
+"""The store object holding the audit key wrapped under the KEK (docs/FORMAT.md section 10)."""
+
+
 def new_data_key() -> bytes:
     """A fresh random 256-bit data key for one file."""
     return os.urandom(KEY_LEN)

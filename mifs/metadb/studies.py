@@ -366,3 +366,14 @@ def _dir_path(db: MetaDb, inode: InodeId, memo: dict[InodeId, str]) -> str:
 def _batches(ids: list[int]) -> Iterator[list[int]]:
     for start in range(0, len(ids), _BATCH):
         yield ids[start : start + _BATCH]
+
+
+def identity_of(db: MetaDb, inode: InodeId) -> tuple[str, str, str] | None:
+    """(Patient ID, Study Instance UID, SOP Instance UID) of an indexed inode, for the audit
+    trail; None if the inode is not (or not yet) indexed."""
+    row = db.one(
+        "SELECT d.patient_id, s.study_uid, d.sop_uid FROM dicom_instances d JOIN dicom_studies s ON s.id = d.study_id"
+        " WHERE d.inode = ? AND d.status = 1",
+        (inode,),
+    )
+    return (str(row[0] or ""), str(row[1] or ""), str(row[2] or "")) if row is not None else None
