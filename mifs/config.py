@@ -75,6 +75,9 @@ class MountConfig:
     prefetch: bool = True
     prefetch_priors: int = 0
     prefetch_parallel: int = 8
+    # retention and WORM (vfs/retention.py, shred/)
+    retention_days: float = 0.0
+    worm_days: float = 0.0
     # S3 stores
     endpoint_url: str | None = None
     region: str | None = None
@@ -92,11 +95,13 @@ class MountConfig:
 _PATH_KEYS = {"mountpoint", "key_file", "cache_dir", "log_file", "ca_bundle"}
 _BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
+_DAYS_KEYS = {"retention_days", "worm_days"}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
 _TOP_LEVEL = {"store", "mountpoint", "key_file", "cache_dir", "cache_size", "options", "log_file", "debug"}
 _SECTIONS: dict[str, set[str]] = {
     "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
     "dicom": {"index", "prefetch", "prefetch_priors", "prefetch_parallel"},
+    "retention": {"retention_days", "worm_days"},
     "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes"},
 }
@@ -140,6 +145,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: {key} must be true or false", 2)
         elif key in _COUNT_KEYS and (not isinstance(value, int) or isinstance(value, bool) or value < _COUNT_KEYS[key]):
             raise UserError(f"config file {path}: {key} must be an integer >= {_COUNT_KEYS[key]}", 2)
+        elif key in _DAYS_KEYS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"config file {path}: {key} must be a number of days >= 0", 2)
+            value = float(value)
         elif key == "options":
             if isinstance(value, str):
                 value = [o.strip() for o in value.split(",") if o.strip()]
