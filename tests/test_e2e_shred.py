@@ -241,14 +241,14 @@ def test_shred_study_and_patient(archive: Archive) -> None:
     uids = {s["study_instance_uid"] for s in studies(archive)}
     assert uids == {study_uid(s1), study_uid(s2), study_uid(s3)}
 
-    result = shred(archive, "--study", study_uid(s1))
+    result = shred(archive, "--study", study_uid(s1), "-m", archive.mountpoint)
     assert result.returncode == 0, describe(result)
     assert "shredded 3 files" in result.stdout, describe(result)
     assert not any((archive.mountpoint / rel).exists() for rel in tree1)
     assert {s["study_instance_uid"] for s in studies(archive)} == {study_uid(s2), study_uid(s3)}
     assert attack(archive, secrets1) == []
 
-    result = shred(archive, "--patient", "PID-SHRED-1")
+    result = shred(archive, "--patient", "PID-SHRED-1", "-m", archive.mountpoint)
     assert result.returncode == 0, describe(result)
     assert "shredded 2 files" in result.stdout, describe(result)
     assert {s["study_instance_uid"] for s in studies(archive)} == {study_uid(s3)}
@@ -256,7 +256,7 @@ def test_shred_study_and_patient(archive: Archive) -> None:
     for rel, data in tree3.items():
         assert read_file(archive.mountpoint / rel) == data
 
-    result = shred(archive, "--study", study_uid(s1))
+    result = shred(archive, "--study", study_uid(s1), "-m", archive.mountpoint)
     assert result.returncode == EXIT_NOT_FOUND, describe(result)
     assert result.stderr.startswith("mifs: error:") and "Traceback" not in result.stderr
 
@@ -310,6 +310,7 @@ def test_shred_interrupted_by_kill_completes_at_next_mount(s3_archive: Archive, 
         proc.wait(timeout=30)
         s3_server.start()
     assert proc.returncode != 0  # the daemon died under it
+    assert attack(arc, secrets), "the crash must have interrupted the shred (else this tests nothing)"
     arc.mount()
     assert not any((arc.mountpoint / r).exists() for r in gone), "a shredded file came back after the crash"
     arc.wait_status(lambda s: s["key_purge_pending"] is False and s["objects"] == 0 and s["pending_uploads"] == 0,

@@ -466,14 +466,17 @@ class S3Store:
     def _purge_sync(self, key: ObjectKey) -> None:
         name = self._object_name(key)
         versions = self._versions_sync(key)
-        for entry_name, version in versions or ():
+        if versions is None:
+            self._delete_sync(key)  # the server keeps no versions
+            return
+        # No plain delete afterwards: in a versioned bucket it would add a delete marker.
+        for entry_name, version in versions:
             if entry_name != name:
                 continue  # a longer key that starts with this one
             try:
                 self._call(f"purge of {key}", self._client.delete_object, Key=name, VersionId=version)
             except ObjectNotFound:
                 pass
-        self._delete_sync(key)  # an unversioned server, or a version written meanwhile
 
     async def purge(self, key: ObjectKey) -> None:
         await self._run(self._purge_sync, key)
