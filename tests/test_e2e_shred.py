@@ -352,6 +352,7 @@ def test_retention_undelete_and_expiry(archive: Archive) -> None:
     result = arc.run_cli("undelete", arc.mountpoint / "d" / "never.dcm")
     assert result.returncode == EXIT_NOT_FOUND and result.stderr.startswith("mifs: error:"), describe(result)
     arc.umount()
+    secrets = capture(arc, ["d/back.dcm"])
 
     # A tiny window (about 0.9 s): after it the key is destroyed and undelete fails cleanly.
     arc.mount(flags=["--retention-days", "0.00001"])
@@ -362,6 +363,7 @@ def test_retention_undelete_and_expiry(archive: Archive) -> None:
     arc.wait_status(lambda s: s["pending_uploads"] == 0 and s["objects"] == 1, 30, "the purged chunks to go")
     arc.umount()
     assert len([k for k, _ in store_objects(arc) if k.startswith("data/")]) == 1  # only img.dcm ("new")
+    assert attack(arc, secrets) == [], "the store still yields the purged file"
 
 
 @pytest.mark.chunk_size(CHUNK)
