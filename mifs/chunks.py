@@ -18,7 +18,7 @@ import errno
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import trio
 
@@ -397,6 +397,14 @@ class DataPath:
 
     def forget_file(self, inode: InodeId) -> None:
         self._last_read.pop(inode, None)
+
+    def forget_destroyed(self, inode: InodeId, keys: Iterable[ObjectKey]) -> None:
+        """A file's key was destroyed: drop its unwrapped key and cached plaintext from memory."""
+        self.forget_file(inode)
+        for cache_key in [k for k in self._file_keys if k[0] == inode]:
+            del self._file_keys[cache_key]
+        for key in keys:
+            self._plain.drop(key)
 
     def statistics(self) -> dict[str, int]:
         return {"integrity_failures": self.integrity_failures, "fetches_in_flight": len(self._store_fetches)}

@@ -83,6 +83,9 @@ class MountConfig:
     prefetch: bool = True
     prefetch_priors: int = 0
     prefetch_parallel: int = 8
+    # retention and WORM (vfs/retention.py, shred/)
+    retention_days: float = 0.0
+    worm_days: float = 0.0
     # S3 stores
     endpoint_url: str | None = None
     region: str | None = None
@@ -108,6 +111,7 @@ _RENAMED = {"store": "store_url", "options": "fuse_options", "kms.key_id": "kms_
 _BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
 _ID_LIST_KEYS = {"allow_uids", "allow_gids"}
+_DAYS_KEYS = {"retention_days", "worm_days"}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
 _TOP_LEVEL = {
     "store", "mountpoint", "key_file", "key_credential", "key_env", "passphrase_file", "cache_dir", "cache_size", "options",
@@ -119,6 +123,7 @@ _SECTIONS: dict[str, set[str]] = {
     "dicom": {"index", "prefetch", "prefetch_priors", "prefetch_parallel"},
     "access": {"allow_uids", "allow_gids"},
     "audit": {"segment_seconds"},
+    "retention": {"retention_days", "worm_days"},
     "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes"},
 }
@@ -170,6 +175,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: {key} must be a list of numeric ids", 2)
         elif key == "audit_segment_seconds" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1):
             raise UserError(f"config file {path}: audit.segment_seconds must be a number >= 1", 2)
+        elif key in _DAYS_KEYS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"config file {path}: {key} must be a number of days >= 0", 2)
+            value = float(value)
         elif key == "options":
             if isinstance(value, str):
                 value = [o.strip() for o in value.split(",") if o.strip()]

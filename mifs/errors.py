@@ -118,6 +118,10 @@ class NotPermitted(FsError):
     """EPERM: the operation is not allowed on this object."""
 
 
+class Protected(FsError):
+    """EPERM: the file is WORM-protected (retention policy) and may not change or go yet."""
+
+
 class AccessDenied(FsError):
     """EACCES: the caller lacks permission."""
 

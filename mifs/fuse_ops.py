@@ -37,6 +37,7 @@ ERRNO: dict[type[errors.FsError], int] = {
     errors.NoAttribute: pyfuse3.ENOATTR,
     errors.AttributeTooLarge: errno.E2BIG,
     errors.NotPermitted: errno.EPERM,
+    errors.Protected: errno.EPERM,
     errors.AccessDenied: errno.EACCES,
     errors.ReadOnly: errno.EROFS,
     errors.BadFileHandle: errno.EBADF,

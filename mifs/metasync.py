@@ -15,6 +15,13 @@ upload time bounds what a host loss can cost (the recovery point). Snapshots are
 mount when the store's chain does not reach the local database, every `snapshot_interval`
 or `segments_per_snapshot` segments, at unmount, and whenever the in-memory journal
 overflowed; older snapshots and the segments they cover are then deleted.
+
+Crypto-shredding: metadata copies hold wrapped data keys. When a key was destroyed (meta
+'keys_destroyed' > 'keys_purged', see metadb/retention.py) the next snapshot is a purging
+one: after it is stored, every other snapshot and every segment it covers is deleted with all
+its object versions (not just the current ones), and only then is 'keys_purged' raised. Such
+a snapshot is taken at once when asked (`mifs shred`, `purge_now`), at mount, and otherwise at
+the latest KEY_PURGE_DELAY after a key was destroyed by an unlink or the retention purge.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import trio
 
 from mifs.crypto import envelope
 from mifs.errors import ArchiveCorrupt, IntegrityError, StorePermissionDenied, StoreUnavailable
+from mifs.metadb import retention
 from mifs.metadb.db import JournalGroup, MetaDb, Statement
 from mifs.store.base import ObjectStore
 from mifs.types import ObjectKey
@@ -44,6 +52,9 @@ KIND_SNAPSHOT = 1
 KIND_JOURNAL = 2
 KEEP_SNAPSHOTS = 2
 MAX_PENDING_GROUPS = 100_000
+KEY_PURGE_DELAY = 600.0
+"""Longest time after an unlink or retention purge destroyed a data key before the metadata
+copies in the store that still hold it are replaced (a purging snapshot)."""
 
 
 def _encode_value(value: Any) -> Any:
@@ -98,8 +109,21 @@ class MetadataReplicator:
         self._need_snapshot = True
         self._last_snapshot = 0.0
         self._lock = trio.Lock()
+        self._purge_wanted_since: float | None = None
         self.shipped_seq = 0
         self.last_error = ""
+        self.purges = 0
+
+    def purge_pending(self) -> bool:
+        """Whether a destroyed key may still be in a metadata copy in the store."""
+        return retention.keys_destroyed(self._db) > retention.keys_purged(self._db)
+
+    async def purge_now(self) -> int:
+        """Store a snapshot and delete every older metadata object (all versions), so no copy
+        of the metadata in the store holds a key destroyed before this call. Returns the
+        'keys_destroyed' value now covered. Raises StoreUnavailable/StorePermissionDenied."""
+        await self.ship(snapshot=True)
+        return retention.keys_purged(self._db)
 
     async def _store_is_current(self) -> bool:
         """Whether the store's snapshots and segments already reach our last commit (then the
@@ -110,7 +134,7 @@ class MetadataReplicator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            if await self._store_is_current():
+            if await self._store_is_current() and not self.purge_pending():
                 self._need_snapshot = False
                 self._last_snapshot = trio.current_time()
         except (StoreUnavailable, StorePermissionDenied) as exc:
@@ -132,9 +156,15 @@ class MetadataReplicator:
             if overflow or len(self._pending) > MAX_PENDING_GROUPS:
                 self._pending = []  # a snapshot will carry all of it
                 self._need_snapshot = True
+            now = trio.current_time()
+            if not self.purge_pending():
+                self._purge_wanted_since = None
+            elif self._purge_wanted_since is None:
+                self._purge_wanted_since = now
             due = (
-                trio.current_time() - self._last_snapshot >= self._snapshot_interval
+                now - self._last_snapshot >= self._snapshot_interval
                 or self._segments_since_snapshot >= self._segments_per_snapshot
+                or (self._purge_wanted_since is not None and now - self._purge_wanted_since >= KEY_PURGE_DELAY)
             )
             if snapshot or self._need_snapshot or due:
                 await self._snapshot()
@@ -176,8 +206,13 @@ class MetadataReplicator:
 
     async def _snapshot(self, keep: int = KEEP_SNAPSHOTS) -> int:
         tmp = self._work_dir / f"snapshot-{secrets.token_hex(8)}.db"
+        purging = self.purge_pending()
+        if purging:
+            self._db.checkpoint_truncate()  # old page images (destroyed keys) leave the local WAL
         try:
-            seq = await trio.to_thread.run_sync(self._db.snapshot_to_sync, tmp)
+            seq, destroyed = await trio.to_thread.run_sync(
+                self._db.snapshot_with_meta_sync, tmp, retention.KEYS_DESTROYED
+            )
             raw = await trio.to_thread.run_sync(tmp.read_bytes)
         finally:
             tmp.unlink(missing_ok=True)
@@ -191,8 +226,32 @@ class MetadataReplicator:
         self.shipped_seq = seq
         if self._pending:
             await self._segment()
-        await self._prune(seq, keep)
+        keys_to_purge = purging or destroyed > retention.keys_purged(self._db)
+        if keys_to_purge or keep == 1:
+            # Destroyed data keys (shred, unlink) or a replaced KEK (key rotation, keep=1): no
+            # older metadata copy, nor any version of one, may stay in the store.
+            await self._purge_older(key, seq)
+            if keys_to_purge:
+                retention.set_keys_purged(self._db, destroyed)  # committed by the next commit
+                self.purges += 1
+                log.info("metadata copies in the store replaced by snapshot %016x (destroyed keys purged)", seq)
+        else:
+            await self._prune(seq, keep)
         return seq
+
+    async def _purge_older(self, keep: ObjectKey, seq: int) -> None:
+        """Delete, with all their versions, every snapshot but `keep` and every segment that
+        ends at or before `seq` (the ones after it were shipped after this snapshot)."""
+        for name in await self._store.list_all(SNAPSHOT_PREFIX):
+            if name != keep:
+                await self._store.purge(name)
+        for name in await self._store.list_all(JOURNAL_PREFIX):
+            try:
+                last = _range_of_segment(name)[1]
+            except ValueError:
+                continue
+            if last <= seq:
+                await self._store.purge(name)
 
     async def _prune(self, newest: int, count: int = KEEP_SNAPSHOTS) -> None:
         snapshots = sorted(_seq_of_snapshot(k) for k in await self._store.list(SNAPSHOT_PREFIX))

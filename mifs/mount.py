@@ -61,6 +61,8 @@ from mifs.mounttable import mount_fstype, raise_readahead, run_fusermount
 from mifs.metadb.db import DatabaseTooNew, MetaDb
 from mifs.metasync import MetadataReplicator, restore, store_has_metadata
 from mifs.sdnotify import Notifier
+from mifs.shred.commands import ShredCommands
+from mifs.shred.service import Shredder
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_url
 from mifs.types import InodeId
@@ -68,6 +70,7 @@ from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
 from mifs.vfs.filesystem import FileSystem
 from mifs.vfs.namespace import Namespace
+from mifs.vfs.retention import RetentionPolicy, days_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ EXIT_KEY_UNAVAILABLE = 10
 EXIT_KEY_RETIRED = 11
 EXIT_ROTATION = 12
 EXIT_AUDIT = 13
+EXIT_REFUSED = 14
 
 LOG_FILE = "mifs.log"
 DB_FILE = "meta.db"
@@ -334,7 +338,7 @@ def tune_malloc() -> None:
 ADMIN_REQUESTS = {
     "umount": "umount", "pin": "cache pin", "unpin": "cache unpin", "prefetch": "cache prefetch",
     "reindex": "reindex", "audit-verify": "audit verify", "audit-query": "audit query",
-    "key-rotate": "key rotate",
+    "key-rotate": "key rotate", "shred": "shred", "undelete": "undelete",
 }
 """Control requests recorded in the audit trail as admin actions (with the requester's uid)."""
 
@@ -404,7 +408,8 @@ class Daemon:
             wait_uploaded=self.uploader.wait_uploaded if cfg.sync_uploads else None,
             changed=changed_send if cfg.index else None,
         )
-        self.ns = Namespace(self.db, self.files, self.data.new_file_key)
+        policy = RetentionPolicy(retention_ns=days_to_ns(cfg.retention_days), worm_ns=days_to_ns(cfg.worm_days))
+        self.ns = Namespace(self.db, self.files, self.data.new_file_key, policy)
         self.ns.ensure_root(os.getuid(), os.getgid())
         purged = self.ns.purge_orphans()
         if purged:
@@ -438,6 +443,13 @@ class Daemon:
             replicator=self.replicator, committer=self.committer, record=archive.rotation,
         )
         self._rotation_scope = trio.CancelScope()
+        self.shredder = Shredder(
+            self.db, self.ns, self.files, self.data, self.cache, self.committer, self.replicator,
+            invalidate=self._invalidate_kernel, audit=self._audit_admin_action,
+        )
+        self.shred_commands = ShredCommands(
+            self.shredder, policy.retention_ns, read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason)
+        )
         self.finished = trio.Event()
         self.started = time.time()
         self.real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting: see raise_readahead
@@ -483,6 +495,7 @@ class Daemon:
             **self._audit_status(),
             **self.study_commands.status(),
             **self.key_rotation.status(),
+            **self.shredder.statistics(),
         }
 
     def _audit_status(self) -> dict[str, Any]:
@@ -507,6 +520,28 @@ class Daemon:
             details["uid"] = request["uid"]
         # Nested, so that a query's filters (patient, study) never read as the record's own ids.
         self.trail.admin(action, actor, request=details or None)
+
+    def _audit_admin_action(self, action: str, details: dict[str, Any]) -> None:
+        """Shred and undelete: what was destroyed or restored (counts, inode numbers; the
+        requester is recorded from the control request by _on_control)."""
+        self.trail.admin(f"{action} done", None, result=details)
+
+    async def _invalidate_kernel(self, inode: InodeId, names: list[tuple[InodeId, bytes]]) -> None:
+        """Make the kernel forget names (and, for a destroyed inode, its attributes and cached
+        pages, which hold plaintext). Called outside any request handler, from worker threads:
+        the notifications may wait for kernel locks that a request in flight holds."""
+        import pyfuse3
+
+        for parent, name in names:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+            except OSError:
+                pass  # the kernel did not know the name
+        if inode:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+            except OSError:
+                pass  # the kernel did not know the inode
 
     async def request_unmount(self, wait_for_uploads: bool = True) -> str | None:
         self.cfg.wait_uploads_on_exit = wait_for_uploads
@@ -595,7 +630,10 @@ class Daemon:
             options.add("allow_other")  # the allow list is for other accounts (the PACS service)
         control = ControlServer(
             socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished,
-            handlers={**self.study_commands.handlers(), **self.key_rotation.handlers(), **self.audit_commands.handlers()},
+            handlers={
+                **self.study_commands.handlers(), **self.key_rotation.handlers(), **self.audit_commands.handlers(),
+                **self.shred_commands.handlers(),
+            },
             on_request=self._on_control,
         )
         try:
@@ -611,6 +649,8 @@ class Daemon:
                 await nursery.start(self.data.run)
                 await nursery.start(self.files.run)
                 await nursery.start(self.replicator.run)
+                if not self.cfg.read_only:
+                    await nursery.start(self.shredder.run)
                 await nursery.start(self._run_dicom_services)
                 await nursery.start(self._run_key_rotation)
                 await nursery.start(control.run)

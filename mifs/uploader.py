@@ -1,5 +1,5 @@
 """The write-back upload queue: moves staged chunks from the local cache into the store, and
-deletes objects that no committed metadata refers to any more.
+deletes objects that no committed metadata refers to any more (with every stored version).
 
 Must not see plaintext or keys. The durable state of the queue is the metadata database
 (chunks with state 0, the garbage table), so a restart resumes where a crash stopped; the
@@ -218,7 +218,9 @@ class Uploader:
                 if key in self._queued:
                     del self._queued[key]
                     self._queue.remove(key)
-                await self._with_retry("delete", key, lambda: self._store.delete(key))
+                # Every version: a chunk of a deleted or shredded file must not survive in
+                # a versioned bucket (its key may be destroyed, but the copy must go too).
+                await self._with_retry("delete", key, lambda: self._store.purge(key))
                 await trio.to_thread.run_sync(self._cache.discard_sync, key)
                 tables.forget_garbage(self._db, key)
                 self._deleted_objects += 1

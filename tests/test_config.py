@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mifs.config import (
@@ -122,3 +124,19 @@ def test_access_and_audit_sections(tmp_path: "Path") -> None:
         with pytest.raises(UserError) as info:
             load_config_file(path)
         assert info.value.exit_code == 2
+
+
+def test_config_file_retention_section(tmp_path: Path) -> None:
+    from mifs.config import load_config_file
+
+    path = tmp_path / "m.toml"
+    path.write_text('store = "/s"\nmountpoint = "/m"\n[retention]\nretention_days = 30\nworm_days = 0.5\n')
+    assert load_config_file(path) == {
+        "store_url": "/s", "mountpoint": Path("/m"), "retention_days": 30.0, "worm_days": 0.5,
+    }
+    for bad in ("retention_days = -1", 'worm_days = "7"', "worm_days = true", "keep_days = 1"):
+        path.write_text(f"[retention]\n{bad}\n")
+        with pytest.raises(UserError) as info:
+            load_config_file(path)
+        assert info.value.exit_code == 2
+

@@ -240,6 +240,21 @@ async def test_delete_is_idempotent(store: ObjectStore) -> None:
     assert await store.exists(key) is False
 
 
+async def test_purge_removes_the_object_and_leaves_its_neighbours(store: ObjectStore) -> None:
+    key = _key("data/08/0123")
+    longer = _key("data/08/01234")  # a key that starts with the purged one stays
+    await store.put(key, b"one")
+    await store.put(key, b"two")
+    await store.put(longer, b"stay")
+    assert set(await store.list_all("data/08/")) == {key, longer}
+    await store.purge(key)
+    await store.purge(key)  # idempotent
+    await store.purge(_key("data/08/never"))
+    assert await store.exists(key) is False
+    assert await store.get(longer) == b"stay"
+    assert await store.list_all("data/08/") == [longer]
+
+
 async def test_put_after_delete(store: ObjectStore) -> None:
     key = _key("data/07/phoenix")
     await store.put(key, b"one")

@@ -444,3 +444,34 @@ async def test_retrying_store_rides_out_a_restart(restarts_server: SeaweedS3, bu
     stats = store.statistics()
     assert stats.exhausted == 0 and stats.permanent_failures == 0
     await store.aclose()
+
+
+# --- versioned buckets (crypto-shredding) ---------------------------------------------------------
+
+
+async def test_purge_deletes_every_version_in_a_versioned_bucket(s3_server: SeaweedS3) -> None:
+    """SeaweedFS implements bucket versioning; purge must leave no version and no delete marker,
+    and list_all must find keys that only have noncurrent versions left."""
+    bucket = s3_server.new_bucket("versioned")
+    client = s3_server.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    prefix = s3_server.unique_prefix()
+    store = S3Store(bucket, prefix, options(s3_server))
+    try:
+        key, other = check_key("data/ab/00ff"), check_key("data/ab/00ff1")
+        for body in (b"v1", b"v2", b"v3"):
+            await store.put(key, body)
+        await store.put(other, b"keep")
+        await store.delete(key)  # plain delete: a marker, the three versions stay
+        assert await store.list("data/") == [other]
+        assert set(await store.list_all("data/")) == {key, other}
+        listing = client.list_object_versions(Bucket=bucket, Prefix=f"{prefix}/data/ab/00ff")
+        assert len([v for v in listing.get("Versions", []) if v["Key"].endswith("/00ff")]) == 3
+        await store.purge(key)
+        listing = client.list_object_versions(Bucket=bucket, Prefix=f"{prefix}/data/")
+        left = {(v["Key"], v["VersionId"]) for v in listing.get("Versions", []) + listing.get("DeleteMarkers", [])}
+        assert {k for k, _ in left} == {f"{prefix}/data/ab/00ff1"}, left
+        assert await store.list_all("data/") == [other]
+        assert await store.get(other) == b"keep"
+    finally:
+        await store.aclose()

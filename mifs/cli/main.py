@@ -20,6 +20,7 @@ from mifs import __version__
 from mifs.archive import check_no_archive, create_archive, new_descriptor
 from mifs.cli import audit as audit_commands
 from mifs.cli import keys as key_commands
+from mifs.cli import shred as shred_commands
 from mifs.cli import studies as study_commands
 from mifs.config import (
     DEFAULT_CACHE_SIZE,
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-prefetch", action="store_true", help="do not fetch the rest of a study when one of its files is opened")
     group.add_argument("--prefetch-priors", type=int, metavar="N", help="also prefetch the N most recent other studies of the patient (default 0)")
     group.add_argument("--prefetch-parallel", type=int, metavar="N", help="parallel store requests of study prefetch (default 8)")
+    group = p.add_argument_group("retention")
+    group.add_argument("--retention-days", type=float, metavar="DAYS",
+                       help="keep deleted files recoverable (mifs undelete) for DAYS, then destroy them (default 0: at once)")
+    group.add_argument("--worm", dest="worm_days", type=float, metavar="DAYS",
+                       help="refuse unlink, truncate and overwrite of files younger than DAYS with EPERM (default 0: off)")
     _add_store_flags(p)
 
     p = sub.add_parser("umount", help="flush, upload and unmount")
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_commands.add_parsers(sub)
     key_commands.add_parsers(sub, _add_store_flags)
     audit_commands.add_parsers(sub, _add_store_flags)
+    shred_commands.add_parsers(sub)
     return parser
 
 
@@ -212,6 +219,12 @@ def _count(value: int | None, flag: str, minimum: int) -> int | None:
     return value
 
 
+def _days(value: float | None, flag: str) -> float | None:
+    if value is not None and not (value >= 0 and value != float("inf")):
+        raise UserError(f"{flag} must be a number of days >= 0", EXIT_USAGE)
+    return value
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     values = load_config_file(args.config.absolute()) if args.config else {}
     flags: dict[str, Any] = {
@@ -223,6 +236,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "fetch_timeout": args.fetch_timeout,
         "prefetch_priors": _count(args.prefetch_priors, "--prefetch-priors", 0),
         "prefetch_parallel": _count(args.prefetch_parallel, "--prefetch-parallel", 1),
+        "retention_days": _days(args.retention_days, "--retention-days"),
+        "worm_days": _days(args.worm_days, "--worm"),
         "endpoint_url": args.endpoint_url,
         "region": args.region,
         "addressing_style": args.addressing_style,
@@ -394,7 +409,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "audit": cmd_audit, "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-    **study_commands.COMMANDS, **key_commands.COMMANDS,
+    **study_commands.COMMANDS, **key_commands.COMMANDS, **shred_commands.COMMANDS,
 }
 
 

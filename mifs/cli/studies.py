@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterator
 from mifs.config import format_size
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.errors import UserError
-from mifs.mount import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_USAGE
+from mifs.mount import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
 from mifs.mounttable import live_mifs_mounts, mount_fstype
 
-_KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE}
+_KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED}
 
 
 def add_parsers(sub: Any) -> None:
@@ -100,6 +100,10 @@ def _ask(mountpoint: Path, message: dict[str, Any], on_progress: Callable[[dict[
             raise UserError(f"the mifs daemon for {mountpoint} is too old for this command; remount it", EXIT_DAEMON)
         raise UserError(error, _KIND_EXIT.get(str(final.get("kind")), EXIT_DAEMON))
     return final
+
+
+ask = _ask
+"""Public name for the other command modules of the CLI (shred, undelete)."""
 
 
 # --- studies -----------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class MetaDb:
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA temp_store = MEMORY")
         self._conn.execute("PRAGMA foreign_keys = OFF")
+        # Deleted rows (a destroyed file's wrapped key) are overwritten with zeros, not left
+        # in free pages of the file (crypto-shredding, docs/FORMAT.md section 11).
+        self._conn.execute("PRAGMA secure_delete = ON")
         self._in_txn = False
         self.commits = 0
         self._key = key
@@ -159,20 +162,25 @@ class MetaDb:
     def snapshot_to_sync(self, target: Path) -> int:
         """Write a consistent encrypted copy of the database to target (same key); returns the
         commit sequence number it contains. Uses its own connection: safe in a worker thread."""
+        return self.snapshot_with_meta_sync(target)[0]
+
+    def snapshot_with_meta_sync(self, target: Path, meta_key: str = "commit_seq") -> tuple[int, int]:
+        """As snapshot_to_sync, and also the integer meta value `meta_key` in the copy."""
         conn = sqlcipher3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
             conn.execute("PRAGMA temp_store = MEMORY")
-            conn.execute("VACUUM INTO ?", (str(target),))
+            conn.execute("VACUUM INTO ?", (str(target),))  # copies live rows only, no free pages
         finally:
             conn.close()
         copy = sqlcipher3.connect(str(target))
         try:
             copy.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
             row = copy.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchone()
+            extra = copy.execute("SELECT value FROM meta WHERE key = ?", (meta_key,)).fetchone()
         finally:
             copy.close()
-        return int(row[0]) if row else 0
+        return (int(row[0]) if row else 0), (int(extra[0]) if extra and extra[0] is not None else 0)
 
     def replay(self, groups: list[JournalGroup]) -> int:
         """Apply shipped transactions with sequence numbers after ours, in order, stopping at a
@@ -196,6 +204,14 @@ class MetaDb:
             self.commit_seq = seq
             applied += 1
         return applied
+
+    def checkpoint_truncate(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes, so old page images
+        (a destroyed key) leave the WAL file. False if a reader kept it from completing."""
+        if self._in_txn:
+            return False
+        busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     # --- reads ------------------------------------------------------------------------------
 

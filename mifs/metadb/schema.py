@@ -31,13 +31,28 @@ Version 2 adds the DICOM study index (see dicom_index/ and docs/FORMAT.md):
   that arrived while the indexer was reading; ``fetch`` = 1 lets the indexer fetch the header
   from the store (reindex, upgrade); ``deferred`` = 1 marks a header that was not local.
   The migration queues every existing file once, so an upgraded archive gets indexed.
+
+Version 3 adds crypto-shredding, retention and WORM (see shred/, vfs/retention.py):
+
+- inodes.sealed_ns: when the file was first closed by its last writer with content (the
+  WORM age counts from here); NULL while it was never closed after writing. The migration
+  sets it to the mtime of every existing non-empty file (they are all closed).
+- retained: unlinked files kept for `--retention-days` (inode row, key and chunks intact,
+  nlink 0) with where they were (parent inode, name) and when they were deleted, plus the
+  study UID and Patient ID from the index (so shredding a study or patient also destroys its
+  retained files; their index rows go at deletion).
+- meta 'keys_destroyed' / 'keys_purged': counters. Every destruction of a data key (unlink,
+  purge, shred) raises keys_destroyed in its transaction; metasync, once a fresh snapshot
+  holding that value is in the store and every older metadata object (all versions) is
+  deleted, records it as keys_purged. keys_destroyed > keys_purged: old metadata copies in
+  the store may still hold a destroyed key.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
@@ -122,7 +137,23 @@ CREATE TABLE index_queue (
 INSERT INTO index_queue (inode, seq, fetch) SELECT id, 0, 1 FROM inodes WHERE (mode & 61440) = 32768;
 """
 
+_V3 = """
+ALTER TABLE inodes ADD COLUMN sealed_ns INTEGER;
+UPDATE inodes SET sealed_ns = mtime_ns WHERE (mode & 61440) = 32768 AND size > 0;
+CREATE TABLE retained (
+    inode INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    deleted_ns INTEGER NOT NULL,
+    study_uid TEXT,
+    patient_id TEXT
+);
+CREATE INDEX retained_by_place ON retained (parent, name);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('keys_destroyed', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('keys_purged', 0)
+"""
+
 Execute = Callable[[str], object]
 
-MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
+MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3}
 """Script that takes the schema from version N-1 to N; version 0 is an empty database."""

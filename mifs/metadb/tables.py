@@ -100,7 +100,14 @@ def take_generations(db: MetaDb, inode: InodeId, count: int = 1) -> int:
 
 
 def delete_inode(db: MetaDb, inode: InodeId) -> None:
-    """Remove an inode with its xattrs; its chunk objects become garbage."""
+    """Remove an inode with its xattrs; its chunk objects become garbage. A file's wrapped
+    data key goes with the row: counted in meta 'keys_destroyed' (see metadb/retention.py)."""
+    if db.one("SELECT 1 FROM inodes WHERE id = ? AND wrapped_dek IS NOT NULL", (inode,)) is not None:
+        db.write(
+            "INSERT INTO meta (key, value) VALUES ('keys_destroyed', 1) "
+            "ON CONFLICT (key) DO UPDATE SET value = coalesce(value, 0) + 1"
+        )
+    db.write("DELETE FROM retained WHERE inode = ?", (inode,))
     db.write("INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ?", (inode,))
     db.write("DELETE FROM chunks WHERE inode = ?", (inode,))
     db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
@@ -110,7 +117,8 @@ def delete_inode(db: MetaDb, inode: InodeId) -> None:
 
 
 def orphan_inodes(db: MetaDb) -> list[InodeId]:
-    return [InodeId(r[0]) for r in db.all("SELECT id FROM inodes WHERE nlink = 0")]
+    """Unlinked inodes that are not kept for undelete (retained)."""
+    return [InodeId(r[0]) for r in db.all("SELECT id FROM inodes WHERE nlink = 0 AND id NOT IN (SELECT inode FROM retained)")]
 
 
 # --- directory entries -------------------------------------------------------------------------

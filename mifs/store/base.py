@@ -57,7 +57,17 @@ class ObjectStore(Protocol):
         """Remove an object; deleting a missing object is not an error."""
         ...
 
+    async def purge(self, key: ObjectKey) -> None:
+        """Remove an object and every older version of it the store keeps (S3 versioning):
+        afterwards no request can return any content stored under `key`. Missing is fine."""
+        ...
+
     async def exists(self, key: ObjectKey) -> bool:
+        ...
+
+    async def list_all(self, prefix: str) -> list[ObjectKey]:
+        """Every key starting with prefix that has any stored version, current or not (with
+        S3 versioning, a deleted object's older versions stay behind a delete marker)."""
         ...
 
     async def list(self, prefix: str) -> list[ObjectKey]:

@@ -168,6 +168,13 @@ class LocalDirStore:
     async def delete(self, key: ObjectKey) -> None:
         await trio.to_thread.run_sync(self._delete_sync, key, limiter=self._limiter)
 
+    async def purge(self, key: ObjectKey) -> None:
+        """A directory keeps no versions: the same as delete."""
+        await self.delete(key)
+
+    async def list_all(self, prefix: str) -> list[ObjectKey]:
+        return await self.list(prefix)
+
     async def exists(self, key: ObjectKey) -> bool:
         return await trio.to_thread.run_sync(self._path(key).is_file, limiter=self._limiter)
 

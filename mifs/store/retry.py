@@ -185,6 +185,12 @@ class RetryingStore:
     async def delete(self, key: ObjectKey) -> None:
         await self._retry("delete", key, lambda: self.inner.delete(key))
 
+    async def purge(self, key: ObjectKey) -> None:
+        await self._retry("purge", key, lambda: self.inner.purge(key))
+
+    async def list_all(self, prefix: str) -> list[ObjectKey]:
+        return await self._retry("list", prefix, lambda: self.inner.list_all(prefix))
+
     async def exists(self, key: ObjectKey) -> bool:
         return await self._retry("exists", key, lambda: self.inner.exists(key))
 

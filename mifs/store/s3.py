@@ -444,6 +444,61 @@ class S3Store:
     async def delete(self, key: ObjectKey) -> None:
         await self._run(self._delete_sync, key)
 
+    def _versions_sync(self, prefix: str) -> list[tuple[str, str]] | None:
+        """(object name, version id) of every version and delete marker under prefix; None
+        when the server does not implement ListObjectVersions (then it keeps no versions)."""
+        found: list[tuple[str, str]] = []
+        paginator = self._client.get_paginator("list_object_versions")
+        try:
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=self._key_prefix + prefix,
+                PaginationConfig={"PageSize": self.options.list_page_size},
+            )
+            for page in pages:
+                for entry in (*page.get("Versions", ()), *page.get("DeleteMarkers", ())):
+                    found.append((str(entry["Key"]), str(entry.get("VersionId") or "null")))
+        except bce.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("NotImplemented", "MethodNotAllowed"):
+                return None
+            raise self._translate(exc, f"list of versions of {prefix or '(all)'}") from None
+        except (bce.BotoCoreError, OSError) as exc:
+            raise self._translate(exc, f"list of versions of {prefix or '(all)'}") from None
+        return found
+
+    def _purge_sync(self, key: ObjectKey) -> None:
+        name = self._object_name(key)
+        versions = self._versions_sync(key)
+        if versions is None:
+            self._delete_sync(key)  # the server keeps no versions
+            return
+        # No plain delete afterwards: in a versioned bucket it would add a delete marker.
+        for entry_name, version in versions:
+            if entry_name != name:
+                continue  # a longer key that starts with this one
+            try:
+                self._call(f"purge of {key}", self._client.delete_object, Key=name, VersionId=version)
+            except ObjectNotFound:
+                pass
+
+    async def purge(self, key: ObjectKey) -> None:
+        await self._run(self._purge_sync, key)
+
+    def _list_all_sync(self, prefix: str) -> list[ObjectKey]:
+        versions = self._versions_sync(prefix)
+        if versions is None:
+            return self._list_sync(prefix)
+        keys: set[ObjectKey] = set()
+        strip = len(self._key_prefix)
+        for name, _ in versions:
+            try:
+                keys.add(check_key(name[strip:]))
+            except ValueError:
+                continue
+        return sorted(keys)
+
+    async def list_all(self, prefix: str) -> list[ObjectKey]:
+        return await self._run(self._list_all_sync, prefix)
+
     def _list_sync(self, prefix: str) -> list[ObjectKey]:
         keys: list[ObjectKey] = []
         strip = len(self._key_prefix)

@@ -25,7 +25,7 @@ from mifs.chunking import chunk_count, chunk_plain_len, spans
 from mifs.chunks import DataPath, FileKey
 from mifs.commits import Committer
 from mifs.errors import BadFileHandle, FsError, LocalIOError, NotFound
-from mifs.metadb import studies, tables
+from mifs.metadb import retention, studies, tables
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId, ObjectKey
 from mifs.vfs.buffers import BufferPool, DirtyChunk
@@ -131,6 +131,10 @@ class FileData:
         oi.handles -= 1
         if h.writable:
             oi.writers -= 1
+            if oi.writers == 0 and oi.size > 0:
+                # The WORM age starts at the first close after writing (vfs/retention.py);
+                # committed with the flush below, or by the next commit if readers remain.
+                retention.mark_sealed(self._db, h.inode, time.time_ns())
         if oi.handles == 0:
             try:
                 await self._flush_inode(h.inode, oi, durable_anyway=h.writable)

@@ -69,6 +69,7 @@ class FileSystem:
         writable = (flags & O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self.check_writable()
+            self.ns.policy.check_changeable(self._db, row, "open for writing")
         fh = self.files.attach(row, writable)
         if flags & os.O_TRUNC and row.size:
             await self.files.truncate(row, 0)
@@ -100,6 +101,7 @@ class FileSystem:
             if stat.S_ISDIR(row.mode):
                 raise IsADirectory("is a directory")
             if stat.S_ISREG(row.mode) and size != row.size:
+                self.ns.policy.check_changeable(self._db, row, "truncate")
                 await self.files.truncate(row, size)
         return self.ns.set_attrs(inode, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
 

@@ -25,11 +25,12 @@ from mifs.errors import (
     NotPermitted,
     TooManyLinks,
 )
-from mifs.metadb import tables
+from mifs.metadb import retention, tables
 from mifs.metadb.db import MetaDb
 from mifs.metadb.tables import InodeRow
 from mifs.types import NAME_MAX, ROOT_INODE, FileId, InodeId
 from mifs.vfs.files import FileData
+from mifs.vfs.retention import RetentionPolicy
 
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
@@ -56,7 +57,10 @@ def _check_name(name: bytes) -> None:
 
 
 class Namespace:
-    def __init__(self, db: MetaDb, files: FileData, new_file_key: NewFileKey) -> None:
+    def __init__(
+        self, db: MetaDb, files: FileData, new_file_key: NewFileKey, policy: RetentionPolicy | None = None
+    ) -> None:
+        self.policy = policy or RetentionPolicy()
         self._db = db
         self._files = files
         self._new_file_key = new_file_key
@@ -101,7 +105,7 @@ class Namespace:
         if inode == ROOT_INODE or inode in self._lookups or inode in self._files.open:
             return
         row = tables.get_inode(self._db, inode)
-        if row is not None and row.nlink == 0:
+        if row is not None and row.nlink == 0 and not retention.is_retained(self._db, inode):
             tables.delete_inode(self._db, inode)
             self._files.forget_header(inode)
 
@@ -213,12 +217,18 @@ class Namespace:
 
     # --- removing -----------------------------------------------------------------------------
 
-    def _drop_link(self, row: InodeRow) -> None:
+    def _drop_link(self, row: InodeRow, parent: InodeId, name: bytes) -> None:
+        """The name (parent, name) of row is gone; a file losing its last name is kept for
+        undelete under a retention window, otherwise deleted once nothing refers to it."""
         row.nlink = 0 if stat.S_ISDIR(row.mode) else row.nlink - 1
         row.ctime_ns = time.time_ns()
         tables.save_inode_attrs(self._db, row)
         if row.nlink == 0:
-            self.maybe_delete(row.id)
+            if self.policy.retention_ns > 0 and stat.S_ISREG(row.mode):
+                retention.retain(self._db, row.id, parent, name, row.ctime_ns)
+                self._files.forget_header(row.id)
+            else:
+                self.maybe_delete(row.id)
 
     def unlink(self, parent: InodeId, name: bytes) -> None:
         parent_row = self._dir(parent)
@@ -228,9 +238,10 @@ class Namespace:
         row = self.getattr(inode)
         if stat.S_ISDIR(row.mode):
             raise IsADirectory("is a directory")
+        self.policy.check_changeable(self._db, row, "unlink")
         tables.remove_dentry(self._db, parent, name)
         self._touch_dir(parent_row)
-        self._drop_link(row)
+        self._drop_link(row, parent, name)
 
     def rmdir(self, parent: InodeId, name: bytes) -> None:
         parent_row = self._dir(parent)
@@ -246,7 +257,7 @@ class Namespace:
             raise NotEmpty("directory not empty")
         tables.remove_dentry(self._db, parent, name)
         self._touch_dir(parent_row, -1)
-        self._drop_link(row)
+        self._drop_link(row, parent, name)
 
     # --- renaming -----------------------------------------------------------------------------
 
@@ -290,10 +301,11 @@ class Namespace:
                 raise IsADirectory("target is a directory")
             if dst_is_dir and tables.has_children(self._db, dst):
                 raise NotEmpty("target directory not empty")
+            self.policy.check_changeable(self._db, dst_row, "rename over")
             tables.remove_dentry(self._db, new_parent, new_name)
             if dst_is_dir:
                 new_dir.nlink -= 1
-            self._drop_link(dst_row)
+            self._drop_link(dst_row, new_parent, new_name)
         tables.move_dentry(self._db, old_parent, old_name, new_parent, new_name)
         src_row.ctime_ns = time.time_ns()
         tables.save_inode_attrs(self._db, src_row)

@@ -1,0 +1,1 @@
+"""Crypto-shredding, retention purge and undelete (service) and their control commands."""
