@@ -12,8 +12,8 @@ import pytest
 from mifs.audit import records, verify
 from mifs.audit.records import AuditKeys, Chain
 from mifs.audit.spool import Spool, open_name, sealed_name
-from mifs.audit.trail import SEGMENT_PREFIX, STORE_HEAD, AuditTrail, load_audit_keys, open_trail, segment_key
-from mifs.crypto.keyring import MasterKey
+from mifs.audit.trail import AuditError, SEGMENT_PREFIX, STORE_HEAD, AuditTrail, load_audit_keys, open_trail, segment_key
+from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.store.localdir import LocalDirStore
 from mifs.types import ArchiveId
 
@@ -168,7 +168,7 @@ def test_torn_and_tampered_frames() -> None:
 
 async def test_trail_rotates_ships_recovers_after_a_crash(tmp_path: Path) -> None:
     store = LocalDirStore(tmp_path / "store", create=True)
-    kek = MasterKey.generate()
+    kek = KeyRing(MasterKey.generate())
     spool = Spool(tmp_path / "cache" / "audit")
     trail, notes = await open_trail(store, kek, ARCHIVE, spool)
     assert notes == []
@@ -206,7 +206,7 @@ async def test_trail_rotates_ships_recovers_after_a_crash(tmp_path: Path) -> Non
 
 async def test_store_segment_names_and_objects_hold_no_plaintext(tmp_path: Path) -> None:
     store = LocalDirStore(tmp_path / "store", create=True)
-    kek = MasterKey.generate()
+    kek = KeyRing(MasterKey.generate())
     spool = Spool(tmp_path / "audit")
     trail, _ = await open_trail(store, kek, ARCHIVE, spool)
     trail.record("open-read", path="/SECRET-NAME.dcm", patient="PATIENT-XYZ")
@@ -219,6 +219,26 @@ async def test_store_segment_names_and_objects_hold_no_plaintext(tmp_path: Path)
         assert b"PATIENT-XYZ" not in data and b"SECRET-NAME" not in data
     assert STORE_HEAD in await store.list("audit/")
     assert not (spool.root / sealed_name(0)).exists()
+
+
+async def test_audit_key_opens_with_any_held_kek_and_is_registered_for_rotation(tmp_path: Path) -> None:
+    from mifs.crypto import envelope
+    from mifs.errors import IntegrityError
+    from mifs.keystore import WRAPPED_KEY_OBJECTS
+    from mifs.audit.trail import STORE_KEY
+
+    assert [(o.key, o.file_id) for o in WRAPPED_KEY_OBJECTS] == [(STORE_KEY, records.AUDIT_KEY_FILE_ID)]
+    store = LocalDirStore(tmp_path / "store", create=True)
+    old, new = MasterKey.generate(), MasterKey.generate()
+    first = await load_audit_keys(store, KeyRing(old), ARCHIVE, None, create=True)
+    # what key rotation does to a registered object: re-wrap under the new KEK
+    blob = await store.get(STORE_KEY)
+    secret = envelope.unwrap_data_key(old, ARCHIVE, records.AUDIT_KEY_FILE_ID, blob)
+    await store.put(STORE_KEY, envelope.wrap_data_key(new, ARCHIVE, records.AUDIT_KEY_FILE_ID, secret))
+    again = await load_audit_keys(store, KeyRing(new), ARCHIVE, None, create=False)
+    assert (again.mac_key, again.enc_key, again.key_id) == (first.mac_key, first.enc_key, first.key_id)
+    with pytest.raises((AuditError, IntegrityError)):
+        await load_audit_keys(store, KeyRing(old), ARCHIVE, None, create=False)
 
 
 def test_audit_key_id_is_fixed_and_16_bytes() -> None:
