@@ -40,6 +40,8 @@ CHUNK_MAGIC = b"MIFC"
 CHUNK_HEADER_LEN = 4 + 1 + 1 + 12
 CHUNK_TAG_LEN = 16
 OBJECT_NAME_RE = re.compile(r"^[0-9a-f]{32}$")
+# Wrapped data key (FORMAT.md section 4): version 0x01 | kek id (16) | nonce (12) | ct (32) | tag (16).
+WRAPPED_DEK_LEN = 1 + 16 + 12 + 32 + 16
 
 # A log line that fails a test unless the test expects it.
 BAD_LOG_LINE_RE = re.compile(r"Traceback|\b(ERROR|WARNING|CRITICAL|FATAL)\b")

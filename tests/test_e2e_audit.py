@@ -170,10 +170,13 @@ def test_two_uids_attributed_and_query_by_patient_is_exact(s3_archive: Archive) 
     assert [(r["ev"], r["uid"]) for r in offline] == [("open-read", UID_B)]
     result = arc.run_cli("audit", "verify", "--store", arc.store_url, "--key-file", arc.key_file, *arc.store_flags)
     assert result.returncode == 0, describe(result)
-    actions = [r.get("action") for r in json.loads(arc.run_cli(
+    admin = [r for r in json.loads(arc.run_cli(
         "audit", "query", "--store", arc.store_url, "--key-file", arc.key_file, *arc.store_flags, "--json").stdout)
         if r["ev"] == "admin"]
-    assert actions == ["mount", "audit query", "audit query", "audit query", "audit query", "audit verify", "umount"]
+    actions = [r.get("action") for r in admin]
+    assert actions == ["init", "mount", "audit query", "audit query", "audit query", "audit query", "audit verify", "umount"]
+    # `mifs init` opened the trail: its record names who created the archive
+    assert admin[0]["uid"] == os.getuid() and admin[0]["seq"] == 0 and admin[0]["kek_id"], admin[0]
 
 
 # --- tampering -----------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def test_verify_names_edited_dropped_reordered_and_truncated_segments(archive: A
         arc.mount()
         write_file(arc.mountpoint / f"f{i}", b"x" * 1000)
         arc.umount()
-    assert sorted(store_segments(arc)) == [0, 1, 2]
+    assert sorted(store_segments(arc)) == [0, 1, 2, 3]  # 0: `mifs init`, then one per mount
     arc.mount()
     code, out = verify(arc)
     assert code == 0 and "verified" in out, out
@@ -226,9 +229,9 @@ def test_verify_names_edited_dropped_reordered_and_truncated_segments(archive: A
     assert code == EXIT_AUDIT and "FAILED: segment 1: missing (deleted)" in out, out
     restore()
 
-    segs[2].unlink()  # the newest sealed segment: truncation, caught by the heads
+    segs[3].unlink()  # the newest sealed segment: truncation, caught by the heads
     code, out = verify(arc)
-    assert code == EXIT_AUDIT and "head names segment 2 but the newest sealed segment found is 1" in out, out
+    assert code == EXIT_AUDIT and "head names segment 3 but the newest sealed segment found is 2" in out, out
     restore()
     assert verify(arc)[0] == 0
 
@@ -348,5 +351,10 @@ def test_audit_cli_errors_are_one_line(archive: Archive, tmp_path: Path) -> None
     assert_cli_error(arc.run_cli("audit", "verify", tmp_path), 8)  # not a mifs mount
     assert_cli_error(arc.run_cli("audit", "query", "--store", arc.store, "--key-file", arc.key_file,
                                  "--until", "soon"), EXIT_USAGE)
-    assert_cli_error(arc.run_cli("audit", "verify", "--store", arc.store, "--key-file", arc.key_file), 5)  # never mounted
+    # never mounted: `mifs init` opened the trail with its own record
+    fresh = arc.run_cli("audit", "verify", "--store", arc.store, "--key-file", arc.key_file)
+    assert fresh.returncode == 0 and "1 records" in fresh.stdout, describe(fresh)
+    other_key = tmp_path / "other.key"
+    assert arc.run_cli("init", tmp_path / "other-store", "--key-file", other_key).returncode == 0
+    assert_cli_error(arc.run_cli("audit", "verify", "--store", arc.store, "--key-file", other_key), 4)  # wrong key
     assert_cli_error(arc.run_cli("mount", arc.store, arc.mountpoint, "--allow-uid", "x"), EXIT_USAGE)

@@ -7,6 +7,7 @@ Talks to mifs only through the CLI, the mounted filesystem and the files it leav
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from mifs_e2e import (
     CHUNK_MAGIC,
     CHUNK_TAG_LEN,
     OBJECT_NAME_RE,
+    WRAPPED_DEK_LEN,
     Archive,
     all_files,
     pattern,
@@ -130,12 +132,13 @@ def test_equal_plaintext_gives_unrelated_ciphertext(archive: Archive) -> None:
     assert read_file(archive.mountpoint / "one") == data == read_file(archive.mountpoint / "two")
 
 
-META_KEY_RE = re.compile(r"^meta/(snapshot/[0-9a-f]{16}|journal/[0-9a-f]{16}-[0-9a-f]{16})$")
+META_KEY_RE = re.compile(r"^(meta/(snapshot/[0-9a-f]{16}|journal/[0-9a-f]{16}-[0-9a-f]{16})|audit/segments/[0-9a-f]{16})$")
 
 
 def test_store_holds_only_the_documented_layout(archive: Archive) -> None:
-    """docs/FORMAT.md section 2: the descriptor, data/<h2>/<h32> chunks (magic MIFC) and
-    meta/ snapshots and journal segments (magic MIFM); nothing left in .tmp/."""
+    """docs/FORMAT.md section 2: the descriptor, data/<h2>/<h32> chunks (magic MIFC),
+    meta/ snapshots and journal segments and audit segments (magic MIFM), the wrapped audit
+    key and the audit head; nothing left in .tmp/."""
     archive.mount()
     write_file(archive.mountpoint / "f", pattern("layout", 5 * 1024 * 1024))
     (archive.mountpoint / "d").mkdir()
@@ -155,8 +158,14 @@ def test_store_holds_only_the_documented_layout(archive: Archive) -> None:
         elif len(rel) == 3 and rel[0] == "data" and OBJECT_NAME_RE.match(rel[2]) and rel[1] == rel[2][:2]:
             if head != CHUNK_MAGIC + b"\x01":
                 unexpected.append(f"{key}: chunk object starts with {head!r}")
+        elif key == "audit/key":
+            if len(path.read_bytes()) != WRAPPED_DEK_LEN or head[0] != 1:
+                unexpected.append(f"{key}: not a wrapped key")
+        elif key == "audit/head":
+            if set(json.loads(path.read_bytes())) != {"head", "hmac"}:
+                unexpected.append(f"{key}: not an audit head")
         elif META_KEY_RE.match(key):
-            snapshots += rel[1] == "snapshot"
+            snapshots += rel[0] == "meta" and rel[1] == "snapshot"
             if head != b"MIFM\x01":
                 unexpected.append(f"{key}: metadata blob starts with {head!r}")
         else:

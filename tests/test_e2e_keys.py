@@ -29,7 +29,12 @@ def key_status(arc: Archive, target: object | None = None, *flags: object) -> di
 
 
 def counts_by_role(status: dict[str, Any]) -> dict[str, int]:
-    return {k["role"]: k["wrapped_keys"] for k in status["keys"]}
+    """Files' data keys each KEK wraps (the registered objects, i.e. the audit key, apart)."""
+    return {k["role"]: k["files"] for k in status["keys"]}
+
+
+def objects_by_role(status: dict[str, Any]) -> dict[str, int]:
+    return {k["role"]: k["objects"] for k in status["keys"]}
 
 
 def populate(root: Path, count: int, size: int = 3000) -> dict[str, bytes]:
@@ -50,6 +55,7 @@ def test_rotation_online_under_load_on_s3(s3_archive: Archive) -> None:
     before = key_status(arc)
     old_id = before["current_kek_id"]
     assert counts_by_role(before) == {"current": 240}
+    assert objects_by_role(before) == {"current": 1}, before  # the audit trail's key
 
     errors: list[str] = []
     written: dict[str, bytes] = {}
@@ -100,6 +106,7 @@ def test_rotation_online_under_load_on_s3(s3_archive: Archive) -> None:
     assert new_id != old_id and after["descriptor_kek_id"] == new_id and after["rotation"] is None
     total = 240 + len(written)
     assert counts_by_role(after) == {"current": total, "retired": 0}, after
+    assert objects_by_role(after) == {"current": 1, "retired": 0}, after
     retired = next(k for k in after["keys"] if k["role"] == "retired")
     assert retired["kek_id"] == old_id and retired["replaced_by"] == new_id
 

@@ -35,6 +35,7 @@ from mifs_e2e import (
     CHUNK_MAGIC,
     CHUNK_TAG_LEN,
     TESTS_DIR,
+    WRAPPED_DEK_LEN,
     Archive,
     KiB,
     MiB,
@@ -70,7 +71,8 @@ STORE_KEY_RE = re.compile(
     r"^(mifs-archive\.json"
     r"|data/(?P<fan>[0-9a-f]{2})/(?P<name>[0-9a-f]{32})"
     r"|meta/snapshot/[0-9a-f]{16}"
-    r"|meta/journal/[0-9a-f]{16}-[0-9a-f]{16})$"
+    r"|meta/journal/[0-9a-f]{16}-[0-9a-f]{16}"
+    r"|audit/key|audit/head|audit/segments/[0-9a-f]{16})$"
 )
 
 
@@ -310,7 +312,7 @@ def test_bucket_holds_no_plaintext_and_only_documented_names(s3_server: SeaweedS
     }
     keys = bucket_keys(s3_server, arc.s3_bucket)
     assert keys, "the bucket is empty"
-    counts = {"descriptor": 0, "data": 0, "snapshot": 0, "journal": 0}
+    counts = {"descriptor": 0, "data": 0, "snapshot": 0, "journal": 0, "audit": 0}
     problems = []
     client = s3_server.client()
     for full in keys:
@@ -340,12 +342,22 @@ def test_bucket_holds_no_plaintext_and_only_documented_names(s3_server: SeaweedS
             counts["data"] += 1
             if body[:4] != CHUNK_MAGIC or len(body) < CHUNK_OVERHEAD:
                 problems.append(f"{full}: not a sealed chunk (starts {body[:8].hex()})")
+        elif key == "audit/key":
+            counts["audit"] += 1
+            if len(body) != WRAPPED_DEK_LEN or body[0] != 1:
+                problems.append(f"{full}: not a wrapped key ({len(body)} bytes)")
+        elif key == "audit/head":
+            counts["audit"] += 1
+            doc = json.loads(body)
+            if set(doc) != {"head", "hmac"} or set(doc["head"]) != {"archive", "segment", "last_seq", "last", "open", "key_id", "written"}:
+                problems.append(f"{full}: not an audit head: {sorted(doc)}")
         else:
-            counts["snapshot" if key.startswith("meta/snapshot/") else "journal"] += 1
+            counts["snapshot" if key.startswith("meta/snapshot/") else "audit" if key.startswith("audit/") else "journal"] += 1
             if body[:4] != b"MIFM":
                 problems.append(f"{full}: not a sealed metadata blob (starts {body[:8].hex()})")
     assert not problems, "\n".join(problems[:30])
     assert counts["descriptor"] == 1 and counts["snapshot"] >= 1, counts
+    assert counts["audit"] >= 4, counts  # key, head, the init segment and the mount's
     # 6 files of ~525 KiB in 4 MiB chunks: one object each
     assert counts["data"] == len(files), counts
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,16 @@ import trio
 from mifs.audit import verify
 from mifs.audit.commands import query_from_request
 from mifs.audit.spool import SPOOL_DIR, Spool
-from mifs.audit.trail import AuditError, load_audit_keys
+from mifs.audit.trail import Actor, AuditError, load_audit_keys, open_trail
 from mifs.cli.keys import add_key_flags, key_source_from_args
 from mifs.control_protocol import ControlUnavailable, request
-from mifs.errors import ObjectNotFound, UserError
+from mifs.crypto.keyring import KeyRing, MasterKey
+from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable, UserError
 from mifs.mount import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_DAEMON, EXIT_USAGE, default_cache_dir, open_archive
 from mifs.mounttable import live_mifs_mounts, mount_fstype
+from mifs.store.base import ObjectStore
 from mifs.store.url import StoreOptions
+from mifs.types import ArchiveId
 
 
 def add_parsers(sub: Any, add_store_flags: Any) -> None:
@@ -171,3 +176,18 @@ def cmd_query(args: argparse.Namespace, store_options: StoreOptions) -> int:
     if problems:
         print(f"mifs: warning: the audit trail failed verification ({len(problems)} problems; see mifs audit verify)", file=sys.stderr)
     return 0
+
+
+async def record_init(store: ObjectStore, kek: MasterKey, archive_id: ArchiveId, **details: Any) -> bool:
+    """Open the new archive's audit trail with its first record, `init` by this process's
+    user, and store it at once (a short-lived spool in a temporary directory: the mount's
+    cache dir is not known yet). False if the record could not be stored."""
+    with tempfile.TemporaryDirectory(prefix="mifs-init-audit-") as tmp:
+        spool = Spool(Path(tmp) / SPOOL_DIR)
+        try:
+            trail, _notes = await open_trail(store, KeyRing(kek), archive_id, spool)
+            trail.admin("init", Actor(os.getuid(), os.getgid(), os.getpid()), **details)
+            await trail.close(ship_timeout=30)
+        except (AuditError, StoreUnavailable, StorePermissionDenied, OSError):
+            return False
+        return not spool.sealed_segments() and not spool.open_segments()

@@ -167,6 +167,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             if created_key:
                 target.unlink(missing_ok=True)
             raise
+        if not await audit_commands.record_init(store, kek, desc.archive_id, chunk_size=chunk_size, kek_id=kek.kek_id.hex()):
+            print("mifs: warning: the archive was created but its audit record of the init could not be stored", file=sys.stderr)
         return desc.archive_id_hex, target
 
     archive_id, target = trio.run(run)  # domain errors become exit codes in main (translate)
@@ -191,6 +193,9 @@ def _init_with_source(args: argparse.Namespace, location: Any, chunk_size: int, 
         desc = new_descriptor(kek, chunk_size)
         await publish_source_key(source, store, desc.archive_id, kek, params)
         await create_archive(store, desc, kek)
+        details = {"chunk_size": chunk_size, "kek_id": kek.kek_id.hex(), "key_source": source.kind}
+        if not await audit_commands.record_init(store, kek, desc.archive_id, **details):
+            print("mifs: warning: the archive was created but its audit record of the init could not be stored", file=sys.stderr)
         return desc.archive_id_hex
 
     archive_id = trio.run(run)
