@@ -62,6 +62,7 @@ OUTAGE_LOG = (
     r"WARNING mifs\.store\.retry: store \w+ of \S+ failed with StoreUnavailable; retry \d+ in",
     r"WARNING mifs\.uploader: upload of object data/[0-9a-f]{2}/[0-9a-f]{32} failed, trying again",
     r"WARNING mifs\.metasync: shipping metadata to the store failed, will retry",
+    r"WARNING mifs\.audit\.trail: shipping audit segments failed: ",
 )
 # Writers faster than the uploads into a small cache wait for them (backpressure).
 CACHE_FULL_LOG = r"WARNING mifs\.chunks: cache is full of data not yet uploaded; slowing writers down"
@@ -850,6 +851,7 @@ def test_init_rides_out_one_transient_error(fault_proxy: FaultProxy, s3_server: 
     r"WARNING mifs\.uploader: upload of object data/[0-9a-f]{2}/[0-9a-f]{32} failed, trying again in \d+s: access denied",
     r"WARNING mifs\.metasync: shipping metadata to the store failed, will retry: access denied",
     r"ERROR mifs\.mount: could not store the final metadata snapshot",
+    r"WARNING mifs\.audit\.trail: shipping audit segments failed: access denied",
 )
 def test_write_denied_keeps_data_staged_and_reports_it(s3_server: SeaweedS3, s3_archive: Archive) -> None:
     arc = s3_archive

@@ -361,7 +361,13 @@ class AuditTrail:
         await self.rotate(final=True)
         self._closed = True
         with trio.move_on_after(ship_timeout):
-            await self.ship()
+            try:
+                await self.ship()
+            except (StoreUnavailable, StorePermissionDenied, ObjectNotFound, OSError) as exc:
+                # The store refuses (outage, revoked write access): the sealed segments stay in
+                # the spool, and the next mount ships them. Never a reason to fail the unmount.
+                self.last_error = f"shipping audit segments failed: {exc}"
+                log.warning("%s; they stay in the local spool until the next mount", self.last_error)
 
     # --- shipping ------------------------------------------------------------------------------
 

@@ -139,8 +139,10 @@ class FileData:
             try:
                 await self._flush_inode(h.inode, oi, durable_anyway=h.writable)
             finally:
-                if oi.handles == 0 and not oi.dirty and not oi.sealing:
-                    self.open.pop(h.inode, None)
+                # Two releases can flush the same state concurrently, and a new open may have
+                # attached a fresh state after the first dropped it: drop only our own.
+                if oi.handles == 0 and not oi.dirty and not oi.sealing and self.open.get(h.inode) is oi:
+                    del self.open[h.inode]
                     self._data.forget_file(h.inode)
         if h.writable and oi.writers == 0:
             self._notify_changed(h.inode)
@@ -420,8 +422,8 @@ class FileData:
             await self._flush_inode(inode, oi)
         finally:
             oi.handles -= 1
-            if temporary and oi.handles == 0 and not oi.dirty and not oi.sealing:
-                self.open.pop(inode, None)
+            if temporary and oi.handles == 0 and not oi.dirty and not oi.sealing and self.open.get(inode) is oi:
+                del self.open[inode]
         if temporary:
             self._notify_changed(inode)
 
