@@ -157,6 +157,11 @@ def test_compress_from_config_file_and_flag_override(archive: Archive, tmp_path:
     config.write_text('[tuning]\ncompress = "zstd:2"\n')
     archive.mount(flags=["--config", config])
     assert archive.status_json()["compression"] == "zstd:2"
+    write_file(archive.mountpoint / "ct.dcm", next(iter(ct_files(15, 1).values())))
+    human = archive.run_cli("status", archive.mountpoint)
+    assert human.returncode == 0, describe(human)
+    line = [ln for ln in human.stdout.splitlines() if ln.startswith("compression")]
+    assert len(line) == 1 and "zstd:2: 1 chunks since mount" in line[0], describe(human)
     archive.umount()
     archive.mount(flags=["--config", config, "--compress", "off"])
     assert archive.status_json()["compression"] == "off"
