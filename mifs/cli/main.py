@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|off",
-                   help="compress chunks with zstd before encrypting them (level 1-19, default 1), or off (the default)")
+                   help="compress chunks with zstd before encrypting them (level 1-9, default 1), or off (the default)")
     group = p.add_argument_group("access control")
     group.add_argument("--allow-uid", type=int, action="append", metavar="N", help="only root and this uid may use the mount (repeatable; implies -o allow_other)")
     group.add_argument("--allow-gid", type=int, action="append", metavar="N", help="only root and this primary gid may use the mount (repeatable; implies -o allow_other)")
