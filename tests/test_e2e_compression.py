@@ -9,6 +9,7 @@ section 5).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -149,6 +150,35 @@ def test_multi_chunk_files(archive: Archive) -> None:
     assert sorted(blob[5] for blob in objects.values()) == [0, 1, 1, 1, 1]
     archive.mount()
     assert_files(archive, {"ct.dcm": ct, "jpeg.dcm": jpeg})
+    archive.umount()
+
+
+@pytest.mark.expect_log(
+    r"ERROR .*integrity failure: object data/[0-9a-f]{2}/[0-9a-f]{32} \(inode \d+, chunk \d+, generation \d+\) from \w+",
+    r"WARNING .*cached copy of object data/[0-9a-f]{2}/[0-9a-f]{32} failed authentication; fetching it again",
+)
+def test_tampered_compressed_chunks_give_eio(archive: Archive) -> None:
+    """A compressed chunk whose flag is cleared, or whose ciphertext is flipped, is an
+    integrity failure (EIO) for that file only; the frame never reaches a reader as data."""
+    files = ct_files(16, 3)
+    objects: dict[str, str] = {}
+    for name, data in files.items():
+        _, new = write_session(archive, {name: data}, ["--compress", "zstd"])
+        assert len(new) == 1 and next(iter(new.values()))[5] == FLAG_ZSTD
+        objects[name] = next(iter(new))
+    flag_cleared, flipped, intact = files
+    blob = (archive.store / objects[flag_cleared]).read_bytes()
+    archive.replace_object(objects[flag_cleared], blob[:5] + b"\0" + blob[6:], also_cache=True)
+    blob = (archive.store / objects[flipped]).read_bytes()
+    middle = len(blob) // 2
+    archive.replace_object(objects[flipped], blob[:middle] + bytes([blob[middle] ^ 1]) + blob[middle + 1:], also_cache=True)
+    archive.mount()
+    for name in (flag_cleared, flipped):
+        with pytest.raises(OSError) as info:
+            read_file(archive.mountpoint / name)
+        assert info.value.errno == errno.EIO, name
+    assert_files(archive, {intact: files[intact]})
+    assert archive.status_json()["integrity_failures"] >= 2
     archive.umount()
 
 
