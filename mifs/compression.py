@@ -114,7 +114,7 @@ class CompressorStatistics:
 
 class ChunkCompressor:
     """Compresses chunk plaintext for one mount at one zstd level; safe to call from any
-    number of worker threads at once (one zstd context per thread)."""
+    number of worker threads at once (one zstd context per concurrent call, reused)."""
 
     def __init__(self, level: int = ZSTD_DEFAULT_LEVEL) -> None:
         if not ZSTD_MIN_LEVEL <= level <= ZSTD_MAX_LEVEL:
