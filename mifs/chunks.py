@@ -1,7 +1,8 @@
 """The data path: reading and writing one chunk of one file through cache, store and envelope.
 
 Must not know POSIX semantics (sizes, handles, directories; vfs does) and never writes
-plaintext anywhere but memory. Sealing and opening run in worker threads under one limiter;
+plaintext anywhere but memory. Sealing (with optional zstd compression first, see
+compression.py) and opening (with bounded decompression) run in worker threads under one limiter;
 store fetches are single-flight (two readers of one chunk, or a reader and the study
 prefetcher, cause one GET), authenticated before they enter the cache, and bounded in time.
 Every chunk entering the cache is tagged with its study (the index's numeric id) so the cache
@@ -22,7 +23,9 @@ from typing import Callable, Iterable
 
 import trio
 
+from mifs import compression
 from mifs.cache import ChunkCache
+from mifs.compression import ChunkCompressor
 from mifs.crypto import envelope
 from mifs.crypto.keyring import KeyRing
 from mifs.errors import (
@@ -119,9 +122,13 @@ class DataPath:
         crypto_threads: int = 4,
         store_is_local: bool = False,
         on_integrity_failure: Callable[[InodeId, int, str], None] | None = None,
+        compressor: ChunkCompressor | None = None,
     ) -> None:
         """store_is_local: the store is a directory on this host, so a "store fetch" costs no
-        more than a cache read (local-only reads may use it)."""
+        more than a cache read (local-only reads may use it). compressor: compress chunks that
+        shrink before sealing them (--compress); chunks sealed compressed are read back
+        whether or not it is given."""
+        self.compressor = compressor
         self._keyring = keyring
         self._archive_id = archive_id
         self._db = db
@@ -181,7 +188,15 @@ class DataPath:
     # --- writing ------------------------------------------------------------------------------
 
     def _seal_and_stage(self, fk: FileKey, idx: int, generation: int, key: ObjectKey, data: bytes | bytearray | memoryview) -> int:
-        blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, data)
+        """Worker thread: compress (if enabled and worth it), seal, stage; the stored length."""
+        payload: bytes | bytearray | memoryview = data
+        flags = 0
+        if self.compressor is not None:
+            frame = self.compressor.compress(data, idx)
+            if frame is not None:
+                payload, flags = frame, envelope.FLAG_ZSTD
+        # The flag is in the chunk header, which is authenticated (AAD): it cannot be flipped.
+        blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, payload, flags)
         try:
             # Staged without a study: staged chunks are never evicted, and the indexer tags
             # the file's chunks with their study once the file is closed and indexed.
@@ -276,8 +291,14 @@ class DataPath:
             done.set()
 
     def _open(self, fk: FileKey, row: tables.ChunkRow, blob: bytes) -> bytes:
-        payload, _flags = envelope.open_chunk(fk.dek, self._archive_id, fk.file_id, row.idx, row.generation, blob)
-        if len(payload) != row.plain_len:
+        """Worker thread: authenticate, then decompress a compressed chunk (bounded by the
+        metadata's plain_len); IntegrityError unless the result is exactly plain_len bytes."""
+        payload, flags = envelope.open_chunk(fk.dek, self._archive_id, fk.file_id, row.idx, row.generation, blob)
+        if flags & ~envelope.FLAG_ZSTD:
+            raise IntegrityError("chunk has flags this version does not know")
+        if flags & envelope.FLAG_ZSTD:
+            payload = compression.decompress(payload, row.plain_len)
+        elif len(payload) != row.plain_len:
             raise IntegrityError("chunk length does not match the metadata")
         return payload
 

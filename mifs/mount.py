@@ -32,6 +32,7 @@ from mifs.audit.trail import Actor, AuditError, AuditTrail, open_trail
 from mifs.cache import ChunkCache
 from mifs.chunks import DataPath
 from mifs.commits import Committer
+from mifs.compression import ChunkCompressor
 from mifs.config import MountConfig
 from mifs.control_protocol import socket_path
 from mifs.control_server import ControlServer, Peer
@@ -398,6 +399,7 @@ class Daemon:
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
             fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout, store_is_local=store_is_local,
             on_integrity_failure=self.fs_audit.integrity_failure,
+            compressor=ChunkCompressor(cfg.compress_level) if cfg.compress_level is not None else None,
         )
         # vfs -> dicom_index: files closed after writing (to index) and opened for reading
         # (to prefetch their study). Hints only; the durable work list is in the database.
@@ -488,6 +490,7 @@ class Daemon:
             "read_only": self.cfg.read_only,
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
+            **self._compression_status(),
             "metadata_shipped_seq": self.replicator.shipped_seq,
             "metadata_commit_seq": self.db.commit_seq,
             "uptime_seconds": round(time.time() - self.started, 1),
@@ -496,6 +499,18 @@ class Daemon:
             **self.study_commands.status(),
             **self.key_rotation.status(),
             **self.shredder.statistics(),
+        }
+
+    def _compression_status(self) -> dict[str, Any]:
+        compressor = self.data.compressor
+        if compressor is None:
+            return {"compression": "off"}
+        st = compressor.statistics()
+        return {
+            "compression": f"zstd:{compressor.level}", "compressed_chunks": st.compressed,
+            "compress_skipped_dicom": st.skipped_dicom, "compress_skipped_sample": st.skipped_sample,
+            "compress_not_smaller": st.not_smaller, "compressed_plain_bytes": st.plain_bytes,
+            "compressed_stored_bytes": st.stored_bytes,
         }
 
     def _audit_status(self) -> dict[str, Any]:

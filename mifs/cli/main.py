@@ -30,6 +30,7 @@ from mifs.config import (
     MountConfig,
     format_size,
     load_config_file,
+    parse_compress,
     parse_size,
 )
 from mifs.control_protocol import ControlUnavailable, request
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
+    p.add_argument("--compress", metavar="zstd[:LEVEL]|off",
+                   help="compress chunks with zstd before encrypting them (level 1-9, default 1), or off (the default)")
     group = p.add_argument_group("access control")
     group.add_argument("--allow-uid", type=int, action="append", metavar="N", help="only root and this uid may use the mount (repeatable; implies -o allow_other)")
     group.add_argument("--allow-gid", type=int, action="append", metavar="N", help="only root and this primary gid may use the mount (repeatable; implies -o allow_other)")
@@ -257,6 +260,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     for flag, name in ((args.no_index, "index"), (args.no_prefetch, "prefetch")):
         if flag:
             values[name] = False
+    if args.compress is not None:
+        values["compress_level"] = parse_compress(args.compress)  # None (off) overrides the file too
     if args.options:
         values["fuse_options"] = list(values.get("fuse_options", [])) + _fuse_options(args.options)
     if args.read_only and "ro" not in values.get("fuse_options", []):
@@ -395,6 +400,12 @@ def _print_status(status: dict[str, Any]) -> None:
             ("cache", f"{format_size(status['cache_bytes'])} of {format_size(status['cache_limit'])}, {status['cache_hits']} hits, {status['cache_misses']} misses"),
             ("store reachable", "yes" if status["store_reachable"] else "no"),
         ]
+        if status.get("compression", "off") != "off":
+            rows.append((
+                "compression",
+                f"{status['compression']}: {status['compressed_chunks']} chunks since mount, "
+                f"{format_size(status['compressed_plain_bytes'])} -> {format_size(status['compressed_stored_bytes'])}",
+            ))
         if status.get("last_error"):
             rows.append(("last error", status["last_error"]))
         if status.get("failsafe"):
