@@ -390,7 +390,9 @@ class Daemon:
             {key for key, _ in tables.pending_uploads(self.db)}, group_of=lambda key: studies.study_of_key(self.db, key)
         )
         self.cache.set_pinned(studies.pinned_ids(self.db))
-        self.uploader = Uploader(archive.store, self.cache, self.db, cfg.upload_workers)
+        self.uploader = Uploader(
+            archive.store, self.cache, self.db, cfg.upload_workers, delay=0.0 if cfg.sync_uploads else cfg.upload_delay
+        )
         self.committer = Committer(self.db, self.cache, self.uploader)
         assert archive.keyring is not None and archive.key_source is not None
         self.data = DataPath(
