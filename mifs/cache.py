@@ -295,6 +295,11 @@ class ChunkCache:
         with self._lock:
             return self._dirty_bytes + self._pinned_clean_bytes + size <= self.limit or self._dirty_bytes == 0
 
+    def staged_share(self) -> float:
+        """How much of the size limit staged (not yet uploaded) chunks take, 0.0 .. 1.0+."""
+        with self._lock:
+            return self._dirty_bytes / self.limit if self.limit > 0 else 1.0
+
     def dirs_pending(self) -> bool:
         """Whether staged chunks were written whose directory entries are not yet fsynced."""
         with self._lock:

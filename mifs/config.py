@@ -92,7 +92,10 @@ class MountConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     log_file: Path | None = None
     debug: bool = False
-    upload_workers: int = 4
+    upload_workers: int = 8
+    upload_delay: float = 5.0
+    """Seconds at most a freshly staged chunk waits for the mount to stop writing before it is
+    uploaded (uploader.py); 0: upload at once. Ignored with sync_uploads."""
     plaintext_cache_bytes: int = 64 * 1024 * 1024
     dirty_buffer_bytes: int = 96 * 1024 * 1024
     attr_timeout: float = 60.0
@@ -148,7 +151,7 @@ _SECTIONS: dict[str, set[str]] = {
     "access": {"allow_uids", "allow_gids"},
     "audit": {"segment_seconds"},
     "retention": {"retention_days", "worm_days"},
-    "tuning": {"upload_workers", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
+    "tuning": {"upload_workers", "upload_delay", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes", "compress"},
 }
 
@@ -197,6 +200,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
             isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in value)
         ):
             raise UserError(f"config file {path}: {key} must be a list of numeric ids", 2)
+        elif key == "upload_delay" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise UserError(f"config file {path}: tuning.upload_delay must be a number of seconds >= 0", 2)
         elif key == "audit_segment_seconds" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1):
             raise UserError(f"config file {path}: audit.segment_seconds must be a number >= 1", 2)
         elif key in _DAYS_KEYS:

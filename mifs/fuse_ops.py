@@ -344,7 +344,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def flush(self, fh: int) -> None:
-        await self.fs.files.flush(fh)
+        await self.fs.files.flush(fh, closing=True)
 
     @_handler()
     async def release(self, fh: int) -> None:

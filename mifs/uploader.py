@@ -6,6 +6,13 @@ Must not see plaintext or keys. The durable state of the queue is the metadata d
 in-memory deque is only the work list. Transient store errors are retried here with
 exponential backoff and jitter; nothing is ever dropped.
 
+Uploads yield to writers (`delay`): while the mount keeps staging new chunks, a staged chunk
+waits until no chunk was staged for QUIET_SECONDS, or until it has waited `delay` seconds,
+whichever comes first, so a study being ingested does not compete with its own uploads for
+the CPUs (the data is durable on local disk meanwhile; rclone's VFS cache does the same with
+its 5 s write-back delay). Draining (unmount), chunks staged before this mount, and a cache
+filling up with staged data (STAGED_SHARE_NO_DELAY of its limit) upload at once.
+
 Concurrency: everything runs on the trio thread except cache file I/O (worker threads). A key
 is in `_in_flight` from the moment a worker takes it until its upload is recorded, and the
 garbage collector never deletes a key in flight, so a deleted object is never resurrected.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from typing import Awaitable, Callable
 import random
 import time
@@ -32,6 +40,10 @@ from mifs.types import ObjectKey
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
+QUIET_SECONDS = 0.25
+"""The mount counts as idle once no chunk was staged for this long."""
+STAGED_SHARE_NO_DELAY = 0.25
+"""Above this share of the cache limit taken by staged chunks, uploads no longer wait."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,13 @@ class UploaderStatistics:
 
 
 class Uploader:
-    def __init__(self, store: ObjectStore, cache: ChunkCache, db: MetaDb, workers: int = 4) -> None:
+    def __init__(self, store: ObjectStore, cache: ChunkCache, db: MetaDb, workers: int = 4, delay: float = 0.0) -> None:
+        """delay: how long at most a freshly staged chunk waits for the mount to stop writing
+        before it is uploaded (0: at once)."""
+        self._delay = delay
+        self._last_staged = -math.inf  # trio clock, as every time of the delay logic
+        self._ready_at: dict[ObjectKey, float] = {}  # queued key -> when its delay is over
+        self._draining = False
         self._store = store
         self._cache = cache
         self._db = db
@@ -67,10 +85,14 @@ class Uploader:
 
     # --- feeding ----------------------------------------------------------------------------
 
-    def enqueue(self, key: ObjectKey, size: int) -> None:
-        """Schedule a staged chunk for upload (its row may not be committed yet)."""
+    def enqueue(self, key: ObjectKey, size: int, *, fresh: bool = True) -> None:
+        """Schedule a staged chunk for upload (its row may not be committed yet). fresh: it was
+        just written (uploads yield to writers, see `delay`); False: it is older work."""
         if key in self._queued or key in self._in_flight:
             return
+        if fresh:
+            self._last_staged = trio.current_time()
+        self._ready_at[key] = self._last_staged + self._delay if fresh else -math.inf
         self._queued[key] = (size, time.monotonic())
         self._queue.append(key)
         self._wakeup.set()
@@ -78,7 +100,7 @@ class Uploader:
     def load_pending(self) -> None:
         """At mount: queue every chunk the database says is not yet in the store."""
         for key, size in tables.pending_uploads(self._db):
-            self.enqueue(key, size)
+            self.enqueue(key, size, fresh=False)
 
     def after_commit(self) -> None:
         """Called right after a metadata commit: uploads recorded in it may now be evicted, and
@@ -97,7 +119,10 @@ class Uploader:
         return bool(self._queued or self._in_flight or self._gc_ready)
 
     async def wait_idle(self) -> None:
-        """Return once every queued upload is in the store (or raise Cancelled)."""
+        """Return once every queued upload is in the store (or raise Cancelled). From now on
+        uploads no longer wait for the writers (unmount)."""
+        self._draining = True
+        self._wakeup.set()
         while self.busy():
             await trio.sleep(0.02)
 
@@ -130,14 +155,35 @@ class Uploader:
             nursery.start_soon(self._collect_garbage)
             task_status.started()
 
+    def _wait_before_upload(self) -> float:
+        """Seconds the oldest queued chunk should still yield to writers (0: upload it now)."""
+        if self._delay <= 0 or self._draining or not self._queue:
+            return 0.0
+        ready = self._ready_at.get(self._queue[0], -math.inf)
+        wait = min(self._last_staged + QUIET_SECONDS, ready) - trio.current_time()
+        if wait <= 0 or self._cache.staged_share() > STAGED_SHARE_NO_DELAY:
+            return 0.0
+        return wait
+
     async def _next_key(self) -> ObjectKey:
-        while not self._queue:
-            # Every idle worker waits on the same event; only a set one is replaced (a worker
-            # that replaced it under the others' feet would leave them waiting forever).
+        while True:
+            while not self._queue:
+                # Every idle worker waits on the same event; only a set one is replaced (a worker
+                # that replaced it under the others' feet would leave them waiting forever).
+                if self._wakeup.is_set():
+                    self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            wait = self._wait_before_upload()
+            if wait <= 0:
+                break
+            # Every enqueue and wait_idle set the event: a new chunk (cache pressure, a new
+            # quiet deadline) or draining makes the workers look again.
             if self._wakeup.is_set():
                 self._wakeup = trio.Event()
-            await self._wakeup.wait()
+            with trio.move_on_after(wait):
+                await self._wakeup.wait()
         key = self._queue.popleft()
+        self._ready_at.pop(key, None)
         self._in_flight[key] = self._queued.get(key, (0, time.monotonic()))
         return key
 
@@ -152,7 +198,7 @@ class Uploader:
                 self._last_error = f"upload of {key}: {exc.__class__.__name__}"
                 await trio.sleep(5)
                 self._in_flight.pop(key, None)
-                self.enqueue(key, 0)
+                self.enqueue(key, 0, fresh=False)
             finally:
                 self._in_flight.pop(key, None)
 
@@ -217,6 +263,7 @@ class Uploader:
                     continue
                 if key in self._queued:
                     del self._queued[key]
+                    self._ready_at.pop(key, None)
                     self._queue.remove(key)
                 # Every version: a chunk of a deleted or shredded file must not survive in
                 # a versioned bucket (its key may be destroyed, but the copy must go too).

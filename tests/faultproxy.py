@@ -2,7 +2,8 @@
 
 Must not import mifs, and must not change what it forwards (S3 signatures cover the request).
 Faults: 500 InternalError and 503 SlowDown answers, connections dropped before forwarding or
-after the server executed the request, answers cut off half-way, delays. Which request gets
+after the server executed the request, answers cut off half-way, delays, and request bodies
+damaged on the way (one byte flipped: the only fault that changes what is forwarded). Which request gets
 which fault follows a seeded random sequence in arrival order, bounded by max_faults and
 max_consecutive, and every injected fault is counted.
 """
@@ -18,10 +19,12 @@ from types import TracebackType
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-FAULT_KINDS = ("error_500", "slowdown_503", "drop_before", "drop_after", "truncate", "delay")
+FAULT_KINDS = ("error_500", "slowdown_503", "drop_before", "drop_after", "truncate", "delay", "corrupt_body")
 """drop_before: the request is read, then the connection is closed; the server never sees it.
 drop_after: the server executes the request, then the client's connection is closed unanswered.
-truncate: the server executes the request; the client gets half of the answer, then a close."""
+truncate: the server executes the request; the client gets half of the answer, then a close.
+corrupt_body: the request goes upstream with the middle byte of its body flipped (requests
+without a body are forwarded unchanged)."""
 
 FAILING_KINDS = frozenset(FAULT_KINDS) - {"delay"}
 """The faults that make the request fail at the client (a delay fails only past its timeout)."""
@@ -37,6 +40,7 @@ class FaultPlan:
     drop_after: float = 0.0
     truncate: float = 0.0
     delay: float = 0.0
+    corrupt_body: float = 0.0
     delay_seconds: float = 0.2
     seed: int = 0
     max_faults: int | None = None
@@ -265,6 +269,9 @@ class FaultProxy:
                 if fault == "delay":
                     if self._stopping.wait(self._plan.delay_seconds):
                         return
+                if fault == "corrupt_body" and body:
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
                 response, body_start = self._forward(head, body)
                 with self._lock:
                     self._counts["forwarded"] += 1

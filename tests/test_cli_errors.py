@@ -180,6 +180,17 @@ def test_bad_chunk_size(tmp_path: Path, size: str) -> None:
     assert not (tmp_path / "store").exists() and not (tmp_path / "k").exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_upload_delay(archive: Archive, value: str) -> None:
+    result = run_mifs("mount", archive.store, archive.mountpoint, "--key-file", archive.key_file,
+                      "--cache-dir", archive.cache_dir, "--upload-delay", value)
+    if result.returncode == 0:
+        archive.mounts.append((archive.mountpoint, archive.cache_dir))
+    assert_cli_error(result, EXIT_USAGE)
+    assert "--upload-delay must be a number of seconds" in result.stderr
+    assert not is_fuse_mounted(archive.mountpoint)
+
+
 def test_umount_of_a_plain_directory(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()

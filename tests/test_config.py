@@ -140,3 +140,17 @@ def test_config_file_retention_section(tmp_path: Path) -> None:
             load_config_file(path)
         assert info.value.exit_code == 2
 
+
+
+def test_config_file_upload_delay(tmp_path: Path) -> None:
+    from mifs.config import MountConfig, load_config_file
+
+    assert MountConfig("/s", Path("/m")).upload_delay == 5.0
+    path = tmp_path / "m.toml"
+    path.write_text("[tuning]\nupload_delay = 0\nupload_workers = 8\n")
+    assert load_config_file(path) == {"upload_delay": 0, "upload_workers": 8}
+    for bad in ("upload_delay = -1", 'upload_delay = "5s"', "upload_delay = true"):
+        path.write_text(f"[tuning]\n{bad}\n")
+        with pytest.raises(UserError, match="upload_delay") as info:
+            load_config_file(path)
+        assert info.value.exit_code == 2

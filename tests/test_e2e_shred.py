@@ -447,3 +447,32 @@ def test_worm(archive: Archive) -> None:
     write_file(mp / "other", b"replaced")
     os.rename(mp / "other", mp / "young.dcm")
     os.unlink(mp / "young.dcm")
+
+
+@pytest.mark.chunk_size(CHUNK)
+def test_worm_seal_is_durable_when_close_returns(archive: Archive) -> None:
+    """The close of a file's only writer seals it in the same commit as its data: a daemon
+    killed right after close() and rename() still protects the file after remounting."""
+    arc = archive
+    arc.mount(flags=["--worm", "1"])
+    mp = arc.mountpoint
+    for i in range(3):
+        write_file(mp / f"img{i}.part", b"image-%d" % i)
+        os.rename(mp / f"img{i}.part", mp / f"img{i}.dcm")
+    fh = open(mp / "open.dcm", "wb")  # still being written when the daemon dies
+    fh.write(b"abc")
+    fh.flush()
+    os.fsync(fh.fileno())
+    arc.kill_daemon()
+    try:
+        fh.close()
+    except OSError:
+        pass  # the mount is gone
+    arc.mount(flags=["--worm", "1"])
+    for i in range(3):
+        assert read_file(mp / f"img{i}.dcm") == b"image-%d" % i
+        assert_errno(errno.EPERM, os.unlink, mp / f"img{i}.dcm")
+        assert_errno(errno.EPERM, open, mp / f"img{i}.dcm", "r+b")
+    assert read_file(mp / "open.dcm") == b"abc"
+    os.unlink(mp / "open.dcm")  # never closed after writing: not protected
+    arc.umount()

@@ -8,6 +8,7 @@ No mocks: errors come from the real server, a stopped server, or tests/faultprox
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -376,6 +377,45 @@ async def test_server_error_and_throttling_are_transient(s3_server: SeaweedS3, b
             with pytest.raises(StoreUnavailable):
                 await store.exists(K)  # HEAD: no body, the status alone decides
         await store.aclose()
+
+
+async def test_direct_put_stores_exact_bytes_with_their_md5(s3_server: SeaweedS3, bucket: str) -> None:
+    """A single-part PUT goes out signed by mifs (not boto3) with Content-MD5: the object is the
+    bytes sent, and its ETag (S3: the MD5 of a single-part object) says so."""
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        prefix = s3_server.unique_prefix()
+        store = S3Store(bucket, prefix, options(s3_server, endpoint_url=proxy.endpoint_url))
+        data = os.urandom(512 * 1024 + 7)
+        # Only presigned requests (query signatures) are eligible: a fault proves the PUT was one.
+        proxy.set_plan(FaultPlan(error_500=1.0, max_faults=1, methods=frozenset({"PUT"}), query_contains="X-Amz-Signature="))
+        with pytest.raises(StoreUnavailable, match="InternalError"):
+            await store.put(K, data)
+        await store.put(K, data)
+        assert proxy.counts()["error_500"] == 1
+        head = s3_server.client().head_object(Bucket=bucket, Key=f"{prefix}/{K}")
+        assert head["ETag"].strip('"') == hashlib.md5(data).hexdigest()
+        assert await store.get(K) == data
+        await store.aclose()
+
+
+async def test_put_body_damaged_on_the_way_is_refused_and_retried(s3_server: SeaweedS3, bucket: str) -> None:
+    """The server checks the body against the signed Content-MD5: a damaged body is refused
+    (BadDigest, transient) and never stored; the retry wrapper sends it again."""
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        prefix = s3_server.unique_prefix()
+        inner = S3Store(bucket, prefix, options(s3_server, endpoint_url=proxy.endpoint_url))
+        data = os.urandom(300_000)
+        proxy.set_plan(FaultPlan(corrupt_body=1.0, max_faults=1, methods=frozenset({"PUT"})))
+        with pytest.raises(StoreUnavailable, match="BadDigest"):
+            await inner.put(K, data)
+        assert proxy.counts()["corrupt_body"] == 1
+        assert raw_keys(s3_server, bucket, prefix) == set()  # nothing damaged was stored
+        retrying = RetryingStore(inner, max_attempts=3, base_delay=0)
+        proxy.set_plan(FaultPlan(corrupt_body=1.0, max_faults=1, methods=frozenset({"PUT"})))
+        await retrying.put(K, data)
+        assert proxy.counts()["corrupt_body"] == 2  # counts are cumulative: one more, then the good one
+        assert await inner.get(K) == data
+        await inner.aclose()
 
 
 async def test_read_timeout_is_transient_and_bounded(s3_server: SeaweedS3, bucket: str) -> None:

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
+    p.add_argument("--upload-delay", type=float, metavar="SECONDS",
+                   help="a newly written chunk waits up to SECONDS for writing to pause before it is uploaded (default 5; 0: at once)")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|off",
                    help="compress chunks with zstd before encrypting them (level 1-9, default 1), or off (the default)")
@@ -233,6 +235,12 @@ def _days(value: float | None, flag: str) -> float | None:
     return value
 
 
+def _seconds(value: float | None, flag: str) -> float | None:
+    if value is not None and not (value >= 0 and value != float("inf")):
+        raise UserError(f"{flag} must be a number of seconds >= 0", EXIT_USAGE)
+    return value
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     values = load_config_file(args.config.absolute()) if args.config else {}
     flags: dict[str, Any] = {
@@ -242,6 +250,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "log_file": args.log_file,
         "cache_size": parse_size(args.cache_size, "cache size") if args.cache_size else None,
         "fetch_timeout": args.fetch_timeout,
+        "upload_delay": _seconds(args.upload_delay, "--upload-delay"),
         "prefetch_priors": _count(args.prefetch_priors, "--prefetch-priors", 0),
         "prefetch_parallel": _count(args.prefetch_parallel, "--prefetch-parallel", 1),
         "retention_days": _days(args.retention_days, "--retention-days"),

@@ -5,9 +5,10 @@ StoreUnavailable for the retry wrapper (mifs.store.retry). boto3 is imported her
 
 Concurrency: every boto3 call runs in a worker thread (``trio.to_thread.run_sync``) under one
 CapacityLimiter; the single boto3 client is shared by those threads (botocore clients are
-thread-safe) and its connection pool is as large as the limiter. GETs are signed here and go
-out over pooled http.client connections (mifs.store.s3_direct, see _direct_get_sync), unless a
-proxy is configured. Cancelling an operation waits
+thread-safe) and its connection pool is as large as the limiter. GETs and single-part PUTs
+are signed here and go out over pooled http.client connections (mifs.store.s3_direct, see
+_direct_get_sync and _direct_put_sync), unless a proxy is configured; multipart and
+conditional PUTs, deletes and listings use boto3. Cancelling an operation waits
 for the request in flight, which the connect/read timeouts bound; a multipart upload also
 stops between parts and is aborted, so cancellation leaves either the old object or the new one.
 """
@@ -33,7 +34,7 @@ from botocore.httpsession import get_cert_path
 
 from mifs.errors import MifsError, ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.store.base import check_key
-from mifs.store.s3_direct import ConnectFailed, Credentials, DirectGetter
+from mifs.store.s3_direct import ConnectFailed, Credentials, DirectClient, Reply
 from mifs.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ _TRANSIENT = frozenset(
         "OperationAborted",
         "ConditionalRequestConflict",  # concurrent conditional writes to one key: try again
         "ExpiredToken",  # temporary credentials: botocore refreshes them on the next attempt
+        "BadDigest",  # the body did not match its Content-MD5: damaged on the way, send it again
+        "IncompleteBody",  # the connection broke while sending the body
     }
 )
 _PERMISSION_MESSAGES = {
@@ -207,7 +210,7 @@ class S3Store:
         self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
         self._limiter = trio.CapacityLimiter(opts.max_threads)
         self._credentials: Any = session.get_credentials()
-        self._direct_getter: DirectGetter | None = None
+        self._direct: DirectClient | None = None
         self._direct_ready = not any(os.environ.get(v) for v in _PROXY_VARIABLES)  # botocore handles proxies
 
     @property
@@ -275,6 +278,8 @@ class S3Store:
         name = self._object_name(key)
         if len(data) > self.options.multipart_threshold:
             self._multipart_sync(key, name, data)
+        elif self._direct_setup() is not None:
+            self._direct_put_sync(key, data, f"put of {key}")
         else:
             self._call(f"put of {key}", self._client.put_object, Key=name, Body=data)
 
@@ -346,10 +351,25 @@ class S3Store:
         send, without its per-request machinery, which costs about a millisecond of Python (and
         of the GIL) per object, the largest cost of a cold study read. An error answer is
         parsed as botocore parses it and mapped by _translate, so both paths fail the same way."""
-        getter = self._direct_getter
-        assert getter is not None
+        client = self._direct
+        assert client is not None
+        reply = self._direct_call(what, "GetObject", lambda: client.get(self._object_name(key)))
+        if reply.content_length is not None and reply.content_length != len(reply.body):
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
+        return reply.body
+
+    def _direct_put_sync(self, key: ObjectKey, data: bytes, what: str) -> None:
+        """PUT through a URL signed here, with a signed Content-MD5 (the server refuses a
+        damaged body with BadDigest, which is transient: the retry wrapper sends it again).
+        Errors are mapped like botocore's, as for GETs."""
+        client = self._direct
+        assert client is not None
+        self._direct_call(what, "PutObject", lambda: client.put(self._object_name(key), data))
+
+    def _direct_call(self, what: str, operation: str, request: Callable[[], Reply]) -> Reply:
+        """One direct request; a non-2xx answer or a transport failure becomes a mifs error."""
         try:
-            reply = getter.get(self._object_name(key))
+            reply = request()
         except ConnectFailed as exc:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({exc})") from None
         except ssl.SSLCertVerificationError:
@@ -370,17 +390,15 @@ class S3Store:
                 "Error": {"Code": code or str(reply.status), "Message": message},
                 "ResponseMetadata": {"HTTPStatusCode": reply.status},
             }
-            raise self._translate(bce.ClientError(response, "GetObject"), what)
-        if reply.content_length is not None and reply.content_length != len(reply.body):
-            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
-        return reply.body
+            raise self._translate(bce.ClientError(response, operation), what)
+        return reply
 
-    def _direct_get_setup(self) -> DirectGetter | None:
-        """The direct getter, made on first use: its URL base (endpoint, addressing style,
+    def _direct_setup(self) -> DirectClient | None:
+        """The direct client, made on first use: its URL base (endpoint, addressing style,
         bucket) is taken from a URL the boto3 client presigns once, so both paths address the
         bucket alike. None when boto3 must do the GETs (a proxy, or credentials it can't share)."""
-        if self._direct_getter is not None or not self._direct_ready:
-            return self._direct_getter
+        if self._direct is not None or not self._direct_ready:
+            return self._direct
         probe = "mifs-url-probe"
         try:
             url = self._client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=300)
@@ -398,15 +416,15 @@ class S3Store:
             frozen = credentials.get_frozen_credentials()  # refreshes temporary credentials
             return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-        self._direct_getter = DirectGetter(
+        self._direct = DirectClient(
             head[: -len(probe)], self.region, current_credentials, ca_file=ca,
             connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout, max_idle=opts.max_threads,
         )
-        return self._direct_getter
+        return self._direct
 
     def _get_sync(self, key: ObjectKey) -> bytes:
         what = f"get of {key}"
-        if self._direct_get_setup() is not None:
+        if self._direct_setup() is not None:
             return self._direct_get_sync(key, what)
         reply = self._call(what, self._client.get_object, Key=self._object_name(key))
         body = reply["Body"]
@@ -559,6 +577,6 @@ class S3Store:
 
     async def aclose(self) -> None:
         """Close the client's connection pool; the store is unusable afterwards."""
-        if self._direct_getter is not None:
-            self._direct_getter.close()
+        if self._direct is not None:
+            self._direct.close()
         self._client.close()

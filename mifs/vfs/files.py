@@ -129,15 +129,19 @@ class FileData:
         h, oi = self.handle(fh)
         del self._handles[fh]
         oi.handles -= 1
+        sealed_now = False
         if h.writable:
             oi.writers -= 1
             if oi.writers == 0 and oi.size > 0:
-                # The WORM age starts at the first close after writing (vfs/retention.py);
-                # committed with the flush below, or by the next commit if readers remain.
-                retention.mark_sealed(self._db, h.inode, time.time_ns())
+                # The WORM age starts at the first close after writing (vfs/retention.py).
+                # Usually the close's flush sealed the file already (see flush); otherwise
+                # this is committed with the flush below, or by the next commit if readers remain.
+                sealed_now = retention.mark_sealed(self._db, h.inode, time.time_ns())
         if oi.handles == 0:
             try:
-                await self._flush_inode(h.inode, oi, durable_anyway=h.writable)
+                # The close(2) before this release already made the file's data and metadata
+                # durable (flush): commit again only for what changed since.
+                await self._flush_inode(h.inode, oi, durable_anyway=sealed_now)
             finally:
                 # Two releases can flush the same state concurrently, and a new open may have
                 # attached a fresh state after the first dropped it: drop only our own.
@@ -336,6 +340,15 @@ class FileData:
                 for sealing in list(oi.sealing.values()):
                     nursery.start_soon(sealing.done.wait)
 
+    async def _seal_all_or_raise(self, oi: OpenInode) -> None:
+        try:
+            await self._seal_all(oi)
+        except BaseExceptionGroup as group:  # noqa: F821 - builtin in 3.11
+            fs_errors = [e for e in group.exceptions if isinstance(e, FsError)]
+            if fs_errors and len(fs_errors) == len(group.exceptions):
+                raise fs_errors[0] from None
+            raise
+
     def _save_attrs(self, inode: InodeId, oi: OpenInode) -> None:
         if not oi.attrs_dirty:
             return
@@ -348,20 +361,20 @@ class FileData:
             oi.changes += 1
         oi.attrs_dirty = False
 
-    async def _flush_inode(self, inode: InodeId, oi: OpenInode, *, durable_anyway: bool = False) -> None:
+    async def _flush_inode(
+        self, inode: InodeId, oi: OpenInode, *, durable_anyway: bool = False, seal_worm: bool = False
+    ) -> None:
         """Seal, stage and commit what this file has written. A reader's close with nothing
         of the file's own to make durable costs no commit; durable_anyway (a writer's close,
-        fsync) always commits, so metadata changed elsewhere is durable too."""
-        try:
-            await self._seal_all(oi)
-        except BaseExceptionGroup as group:  # noqa: F821 - builtin in 3.11
-            fs_errors = [e for e in group.exceptions if isinstance(e, FsError)]
-            if fs_errors and len(fs_errors) == len(group.exceptions):
-                raise fs_errors[0] from None
-            raise
+        fsync) always commits, so metadata changed elsewhere is durable too. seal_worm: once
+        the data is staged, mark the file sealed for WORM in the same commit (the close of
+        its only writer)."""
+        await self._seal_all_or_raise(oi)
         if oi.error is not None:
             err, oi.error = oi.error, None
             raise err
+        if seal_worm and oi.size > 0:
+            retention.mark_sealed(self._db, inode, time.time_ns())
         self._save_attrs(inode, oi)
         if oi.content_changed:
             if self._changed is not None:
@@ -375,10 +388,16 @@ class FileData:
             staged, oi.staged = oi.staged, set()
             await self._wait_uploaded(staged)
 
-    async def flush(self, fh: int, *, durable_anyway: bool = False) -> None:
+    async def flush(self, fh: int, *, durable_anyway: bool = False, closing: bool = False) -> None:
+        """fsync (durable_anyway) or close(2) (closing) of a handle. The close of the file's
+        only writer seals it for WORM in the same commit as its data, so the release that
+        follows needs no commit of its own."""
         h, oi = self.handle(fh)
         # A writer's close always commits (a file created and closed empty is durable too).
-        await self._flush_inode(h.inode, oi, durable_anyway=durable_anyway or h.writable)
+        await self._flush_inode(
+            h.inode, oi, durable_anyway=durable_anyway or h.writable,
+            seal_worm=closing and h.writable and oi.writers == 1,
+        )
 
     async def commit(self) -> None:
         """Make every metadata change so far durable (fsyncdir, sync)."""
