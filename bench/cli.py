@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import bench.peers  # noqa: F401 - registers the peers
 import bench.systems  # noqa: F401 - registers the systems
 import bench.workloads  # noqa: F401 - registers the workloads
 from bench.context import Options
@@ -30,8 +31,8 @@ def _names(text: str, known: dict[str, object], what: str) -> tuple[str, ...]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark mifs on a local SeaweedFS S3 server against plain disk and raw boto3 "
-        "(docs/PERFORMANCE.md). Needs root and /dev/fuse. Prints a markdown report; writes "
+        description="Benchmark mifs on a local SeaweedFS S3 server against its peers (gocryptfs, "
+        "CryFS, rclone crypt, s3fs: where installed), plain disk and raw boto3 (docs/PERFORMANCE.md). Needs root and /dev/fuse. Prints a markdown report; writes "
         "JSON and markdown to the results dir.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 a target missed (with --check), 130 interrupted",
     )
@@ -43,10 +44,12 @@ def parser() -> argparse.ArgumentParser:
                    type=lambda t: _names(t, SYSTEMS, "system"),  # type: ignore[arg-type]
                    help=f"comma-separated (default: {','.join(defaults)})")
     p.add_argument("--quick", action="store_true",
-                   help="small and fast (CI smoke run): 40 slices, 1 repeat unless given")
+                   help="small and fast (CI smoke run): 40 slices, 16 MiB file, 200 files, 1 repeat unless given")
     p.add_argument("--repeats", "-n", type=int, help="repeats per workload and system (default 3; --quick 1)")
     p.add_argument("--slices", type=int, help="CT slices per series (default 400; --quick 40)")
     p.add_argument("--series", type=int, default=1, help="series in the study (default 1)")
+    p.add_argument("--seq-mib", type=int, help="size of the seq-write/seq-read file in MiB (default 1024; --quick 16)")
+    p.add_argument("--meta-files", type=int, help="files the metadata workload creates (default 10000; --quick 200)")
     p.add_argument("--prefetch-parallel", type=int, metavar="N",
                    help="pass --prefetch-parallel N to `mifs mount` (if this mifs has it)")
     p.add_argument("--profile", action="store_true",
@@ -79,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     slices = args.slices if args.slices is not None else (40 if args.quick else 400)
-    if repeats < 1 or slices < 1 or args.series < 1:
-        print("bench: error: --repeats, --slices and --series must be at least 1", file=sys.stderr)
+    seq_mib = args.seq_mib if args.seq_mib is not None else (16 if args.quick else 1024)
+    meta_files = args.meta_files if args.meta_files is not None else (200 if args.quick else 10000)
+    if min(repeats, slices, args.series, seq_mib, meta_files) < 1:
+        print("bench: error: --repeats, --slices, --series, --seq-mib and --meta-files must be at least 1", file=sys.stderr)
         return 2
     options = Options(
         workloads=args.workloads,
@@ -97,5 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         check=args.check,
         wait_idle=args.wait_idle,
         idle_load=args.idle_load,
+        seq_mib=seq_mib,
+        meta_files=meta_files,
     )
     return run(options)

@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ class Options:
     check: bool
     wait_idle: float = 0.0
     idle_load: float = 1.0
+    seq_mib: int = 1024
+    """Size of the sequential file of seq-write / seq-read."""
+    meta_files: int = 10000
+    """Files created in one directory by the metadata workload."""
 
 
 READ_PREFIX = "read"
@@ -55,6 +60,8 @@ class Context:
         self._cli: MifsCli | None = None
         self._archives: list[MifsArchive] = []
         self._read_archive: MifsArchive | None = None
+        self._datasets: dict[str, MifsArchive] = {}
+        self._cleanups: list[Callable[[], None]] = []
         self.read_archive_ingest: Timing | None = None
         self.mifs_source = ""
         """Content hash of the copy of mifs/ the run uses (see `mifs`)."""
@@ -102,22 +109,47 @@ class Context:
 
     def new_archive(self, name: str) -> MifsArchive:
         """A fresh mifs archive at s3://BUCKET/name on the run's server (initialised, not mounted)."""
-        archive = MifsArchive(self.mifs, self.tmp / "mifs" / name, f"s3://{self.s3.bucket}/{name}", self.s3.store_flags())
+        archive = MifsArchive(self.mifs, self.tmp / "mifs" / name, f"s3://{self.s3.bucket}/{name}", self.s3.store_flags(), name)
         self._archives.append(archive)
         archive.init()
         return archive
+
+    def _filled_archive(self, prefix: str, fill: Callable[[Path], object]) -> MifsArchive:
+        archive = self.new_archive(prefix)
+        archive.mount()
+        fill(archive.mountpoint)
+        status = archive.status()
+        if "index_backlog" in status:  # the DICOM index: let it finish before unmounting
+            wait_until(lambda: archive.status().get("index_backlog") == 0, 300, "the DICOM index backlog to drain", 0.2)
+        archive.umount()
+        return archive
+
+    def dataset_archive(self, name: str, fill: Callable[[Path], object] | None = None) -> MifsArchive:
+        """The archive holding dataset `name` (not the study), unmounted, everything uploaded:
+        made by the first call, which must give `fill`."""
+        if name not in self._datasets:
+            if fill is None:
+                raise BenchError(f"dataset {name} was not prepared")
+            self.log(f"preparing the {name} archive (written through mifs, then umount)")
+            self._datasets[name] = self._filled_archive(f"data-{name}", fill)
+        return self._datasets[name]
+
+    def read_archive_if_made(self) -> MifsArchive | None:
+        return self._read_archive
+
+    def stored(self, prefix: str) -> dict[str, int]:
+        """Objects and bytes under `prefix` in the run's bucket (what a system stored)."""
+        keys = self.s3.list_keys(self.s3.client(), prefix.rstrip("/") + "/")
+        return {"stored_objects": len(keys), "stored_bytes": sum(size for _, size in keys)}
 
     def read_archive(self) -> MifsArchive:
         """The archive holding the study, unmounted, every chunk uploaded (prepared once)."""
         if self._read_archive is None:
             self.log("preparing the study-read archive (ingest through mifs, then umount)")
-            archive = self.new_archive(READ_PREFIX)
-            archive.mount()
-            self.read_archive_ingest = ingest(archive.mountpoint, self.study)
-            status = archive.status()
-            if "index_backlog" in status:  # the DICOM index: let it finish before unmounting
-                wait_until(lambda: archive.status().get("index_backlog") == 0, 300, "the DICOM index backlog to drain", 0.2)
-            archive.umount()
+            study = self.study
+            timings: list[Timing] = []
+            archive = self._filled_archive(READ_PREFIX, lambda root: timings.append(ingest(root, study)))
+            self.read_archive_ingest = timings[0]
             objects = self.s3.list_keys(self.s3.client(), f"{READ_PREFIX}/data/")
             if len(objects) < len(self.study.files):
                 raise BenchError(f"the read archive has {len(objects)} data objects for {len(self.study.files)} files")
@@ -146,9 +178,18 @@ class Context:
 
     # --- teardown ----------------------------------------------------------------------------
 
+    def register_cleanup(self, cleanup: Callable[[], None]) -> None:
+        """Run `cleanup` in close(), before SeaweedFS stops (a peer's unmount and kill)."""
+        self._cleanups.append(cleanup)
+
     def close(self) -> None:
-        """Unmount every mifs mount, stop SeaweedFS, delete the temp dir (unless --keep).
-        Each step runs even if an earlier one failed."""
+        """Unmount every mount (mifs and peers), stop SeaweedFS, delete the temp dir (unless
+        --keep). Each step runs even if an earlier one failed."""
+        for cleanup in reversed(self._cleanups):
+            try:
+                cleanup()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up
+                self.log(f"cleanup failed: {exc}")
         for archive in self._archives:
             try:
                 archive.force_cleanup()

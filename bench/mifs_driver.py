@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -58,8 +59,10 @@ class MifsCli:
 class MifsArchive:
     """One archive: store URL, key file, cache dir and mount point under `base`; at most one live mount."""
 
-    def __init__(self, cli: MifsCli, base: Path, store_url: str, store_flags: Sequence[str]) -> None:
+    def __init__(self, cli: MifsCli, base: Path, store_url: str, store_flags: Sequence[str], prefix: str = "") -> None:
         self.cli = cli
+        self.prefix = prefix
+        """Key prefix of the archive in its bucket."""
         self.base = base
         self.store_url = store_url
         self.store_flags = list(store_flags)
@@ -185,6 +188,13 @@ class MifsArchive:
         if self.watcher is not None:
             self.watcher.stop()
         self.pid, self.watcher = None, None
+
+    def discard(self) -> None:
+        """After the last umount: delete the local cache dir (the run's temp dir must not
+        fill the disk with every repeat's copy); the store keeps the objects."""
+        if self.mounted or (self.pid is not None and pid_alive(self.pid)):
+            raise BenchError("refusing to discard the cache of a mounted archive")
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 15) -> str:
         log = self.cache_dir / "mifs.log"

@@ -26,6 +26,8 @@ class Metric:
     label: str
     higher_is_better: bool
     digits: int = 1
+    primary: bool = False
+    """Shown again in the workload's ratio table (x plain disk, x best peer)."""
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Verdict:
     limit: float
     passed: bool | None  # None: could not be evaluated
     detail: str
+    op: str = "≤"
+    """How value compares with limit when the target is met: "≤" or "≥"."""
 
 
 class System(abc.ABC):
@@ -59,6 +63,9 @@ class System(abc.ABC):
     default: ClassVar[bool] = True
     uses_s3: ClassVar[bool] = False
     """Whether its data goes through the run's S3 server (then the server's CPU is measured)."""
+    role: ClassVar[str] = "limit"
+    """"mifs" (what is measured), "peer" (what users would mount instead) or "limit" (plain
+    disk, raw boto3: what the machine and the S3 server can do)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -21,7 +21,7 @@ from bench import profile as pyspy
 from bench.context import Context, Options
 from bench.registry import SYSTEMS, WORKLOADS, BenchError, Sample, System, Verdict, Workload
 from bench.procs import load_average
-from bench.report import markdown, summarize, write_json
+from bench.report import markdown, ratios, summarize, write_json
 from bench.study import REPO_ROOT
 
 EXIT_OK, EXIT_ERROR, EXIT_TARGET_MISSED, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -128,8 +128,12 @@ def run(options: Options) -> int:
             f"S3: SeaweedFS {_weed_version(ctx)} on 127.0.0.1",
             f"study: {len(study.files)} CT files ({study.series} series x {study.slices_per_series} slices, "
             f"512x512 16-bit), {study.total_bytes / 1e6:.1f} MB",
-            f"repeats: {options.repeats} (median, min–max), systems interleaved (order rotated each repeat)",
+            f"repeats: {options.repeats} (median, min–max), systems interleaved (order rotated each repeat); "
+            f"sequential file {options.seq_mib} MiB; metadata {options.meta_files} files",
         ]
+        peers = [f"{s.name}: {s.version()}" for s in systems if hasattr(s, "version")]
+        if peers:
+            header.append("peers: " + "; ".join(peers))
         for workload in workloads:
             for system in systems:
                 if workload.supports(system):
@@ -210,6 +214,7 @@ def _report(
         verdicts=verdicts,
         notes=ctx.notes,
         extra=extra,
+        roles={s.name: s.role for s in systems},
     )
     document = {
         "started": stamp,
@@ -221,6 +226,8 @@ def _report(
         "options": {k: (str(v) if k == "results_dir" else v) for k, v in vars(options).items()},
         "study": ctx._study.describe() if ctx._study is not None else None,
         "systems": {s.name: s.description for s in systems},
+        "roles": {s.name: s.role for s in systems},
+        "ratios": ratios(summary, workloads, {s.name: s.role for s in systems}),
         "workloads": {w.name: w.description for w in workloads},
         "notes": ctx.notes,
         "summary": summary,

