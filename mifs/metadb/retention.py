@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId, ObjectKey
 
@@ -133,27 +134,13 @@ def destroy(db: MetaDb, inode: InodeId) -> None:
     """Delete a file for good in the open transaction: every name, the retained entry, the index
     rows, the chunk rows (objects -> garbage) and the inode row with its wrapped data key."""
     db.write("DELETE FROM dentries WHERE inode = ?", (inode,))
-    db.write("DELETE FROM retained WHERE inode = ?", (inode,))
-    db.write("INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ?", (inode,))
-    db.write("DELETE FROM chunks WHERE inode = ?", (inode,))
-    db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
-    db.write("DELETE FROM dicom_instances WHERE inode = ?", (inode,))
-    db.write("DELETE FROM index_queue WHERE inode = ?", (inode,))
-    db.write("DELETE FROM inodes WHERE id = ?", (inode,))
-    note_key_destroyed(db)
+    tables.delete_inode(db, inode)  # counts the destroyed key in 'keys_destroyed'
 
 
 def drop_empty_studies(db: MetaDb) -> int:
     """Forget studies no instance refers to any more (after a shred: their UIDs go too). Ids
     are AUTOINCREMENT, so they are never handed out again."""
     return db.write_count("DELETE FROM dicom_studies WHERE id NOT IN (SELECT study_id FROM dicom_instances WHERE study_id IS NOT NULL)")
-
-
-def note_key_destroyed(db: MetaDb) -> None:
-    db.write(
-        "INSERT INTO meta (key, value) VALUES (?, 1) ON CONFLICT (key) DO UPDATE SET value = coalesce(value, 0) + 1",
-        (KEYS_DESTROYED,),
-    )
 
 
 def _counter(db: MetaDb, key: str) -> int:
