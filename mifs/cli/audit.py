@@ -23,11 +23,11 @@ from mifs.audit.commands import query_from_request
 from mifs.audit.spool import SPOOL_DIR, Spool
 from mifs.audit.trail import Actor, AuditError, load_audit_keys, open_trail
 from mifs.cli.keys import add_key_flags, key_source_from_args
-from mifs.control_protocol import ControlUnavailable, request
+from mifs.cli.studies import ask
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable, UserError
 from mifs.mount import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_DAEMON, EXIT_USAGE, default_cache_dir, open_archive
-from mifs.mounttable import live_mifs_mounts, mount_fstype
+from mifs.mounttable import live_mifs_mounts
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreOptions
 from mifs.types import ArchiveId
@@ -69,22 +69,6 @@ def _live_mount(args: argparse.Namespace) -> Path:
     return Path(mounts[0])
 
 
-def _ask(mountpoint: Path, message: dict[str, Any]) -> dict[str, Any]:
-    final: dict[str, Any] | None = None
-    try:
-        for reply in request(mountpoint, message, timeout=None):
-            final = reply
-    except ControlUnavailable:
-        if mount_fstype(mountpoint) == "fuse.mifs":
-            raise UserError(f"the mifs daemon for {mountpoint} is not responding", EXIT_DAEMON) from None
-        raise UserError(f"{mountpoint} is not a mifs mount", EXIT_DAEMON) from None
-    if final is None:
-        raise UserError("the daemon closed the connection without an answer", EXIT_DAEMON)
-    if not final.get("ok"):
-        raise UserError(str(final.get("error", "the request failed")), EXIT_USAGE if final.get("kind") == "usage" else EXIT_DAEMON)
-    return final
-
-
 def _offline(args: argparse.Namespace, store_options: StoreOptions, query: verify.Query | None) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         archive = await open_archive(args.store, key_source_from_args(args), options=store_options)
@@ -106,7 +90,7 @@ def _offline(args: argparse.Namespace, store_options: StoreOptions, query: verif
 
 
 def cmd_verify(args: argparse.Namespace, store_options: StoreOptions) -> int:
-    result = _offline(args, store_options, None) if args.store else _ask(_live_mount(args), {"op": "audit-verify"})
+    result = _offline(args, store_options, None) if args.store else ask(_live_mount(args), {"op": "audit-verify"})
     problems, gaps = list(result.get("problems") or []), list(result.get("gaps") or [])
     if args.json:
         print(json.dumps({k: result.get(k) for k in ("problems", "gaps", "segments", "sealed_segments", "records")}, indent=2))
@@ -161,7 +145,7 @@ def cmd_query(args: argparse.Namespace, store_options: StoreOptions) -> int:
         query = query_from_request(message)
     except ValueError as exc:
         raise UserError(str(exc), EXIT_USAGE) from None
-    result = _offline(args, store_options, query) if args.store else _ask(_live_mount(args), message)
+    result = _offline(args, store_options, query) if args.store else ask(_live_mount(args), message)
     rows: list[dict[str, Any]] = list(result.get("records") or [])
     fmt = args.format or ("json" if args.json else "text")
     if fmt == "json":
