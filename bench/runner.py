@@ -75,11 +75,12 @@ def _brief(sample: Sample, workload: Workload) -> str:
 
 
 def _profile(ctx: Context, workloads: list[Workload], systems: list[System], stamp: str) -> dict[str, Any]:
-    """One extra run of each workload on each system with a daemon, under py-spy."""
+    """One extra run of each workload on each mifs system, under py-spy (the peers are not
+    Python programs: py-spy cannot read them)."""
     out: dict[str, Any] = {}
     for workload in workloads:
         for system in systems:
-            if not workload.supports(system):
+            if system.role != "mifs" or not workload.supports(system):
                 continue
             raw = ctx.options.results_dir / f"{stamp}-pyspy-{workload.name}-{system.name}.txt"
             raw.parent.mkdir(parents=True, exist_ok=True)

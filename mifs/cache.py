@@ -36,6 +36,14 @@ _TMP_DIR = "tmp"
 
 
 @dataclass(frozen=True)
+class SyncBatch:
+    """Staged chunk files and cache directories written but not yet synced."""
+
+    files: set[str]
+    dirs: set[Path]
+
+
+@dataclass(frozen=True)
 class CacheStatistics:
     bytes_used: int
     bytes_limit: int
@@ -80,6 +88,7 @@ class ChunkCache:
         self._dirty_bytes = 0
         self._pinned_clean_bytes = 0
         self._dirs_to_sync: set[Path] = set()
+        self._files_to_sync: set[str] = set()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -178,7 +187,7 @@ class ChunkCache:
         if entry is not None and not entry.dirty:
             self._lru.move_to_end(entry.unit(key))
 
-    def _write(self, key: ObjectKey, blob: bytes, durable: bool) -> None:
+    def _write(self, key: ObjectKey, blob: bytes | memoryview, durable: bool) -> None:
         path = self._path(key)
         parent_str = path.rsplit("/", 1)[0]
         new_dir = False
@@ -195,13 +204,14 @@ class ChunkCache:
             view = memoryview(blob)
             while view:
                 view = view[os.write(fd, view):]
-            if durable:
-                os.fdatasync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
         if durable:
+            # Not synced here: the next durable commit syncs it with the others it covers
+            # (sync_staged_sync), before the metadata naming it.
             with self._lock:
+                self._files_to_sync.add(path)
                 self._dirs_to_sync.add(Path(parent_str))
                 if new_dir:
                     self._dirs_to_sync.add(self.root)
@@ -209,8 +219,9 @@ class ChunkCache:
             with self._lock:
                 self._dirs_to_sync.add(self.root)
 
-    def stage_sync(self, key: ObjectKey, blob: bytes, group: GroupId | None = None) -> None:
-        """Keep a sealed chunk that is not yet in the store; durable once sync_dirs_sync ran."""
+    def stage_sync(self, key: ObjectKey, blob: bytes | memoryview, group: GroupId | None = None) -> None:
+        """Keep a sealed chunk that is not yet in the store. It survives a crash of the process
+        on return, and power loss once sync_staged_sync ran."""
         self._write(key, blob, durable=True)
         with self._lock:
             self._add(key, len(blob), True, group)
@@ -300,18 +311,42 @@ class ChunkCache:
         with self._lock:
             return self._dirty_bytes / self.limit if self.limit > 0 else 1.0
 
-    def dirs_pending(self) -> bool:
-        """Whether staged chunks were written whose directory entries are not yet fsynced."""
+    def sync_pending(self) -> bool:
+        """Whether staged chunks were written that would not survive power loss yet."""
         with self._lock:
-            return bool(self._dirs_to_sync)
+            return bool(self._dirs_to_sync or self._files_to_sync)
 
-    def sync_dirs_sync(self) -> None:
-        """fsync the directories that gained staged chunks, so their names survive power loss."""
+    def take_sync_pending(self) -> SyncBatch:
+        """The staged chunks (and directories) written since the last call, to be synced by
+        sync_batch_sync; until then the batch is this caller's to sync."""
         with self._lock:
-            dirs, self._dirs_to_sync = self._dirs_to_sync, set()
-        # Leaf directories first, then the root that names any new ones.
-        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d)
+            batch = SyncBatch(self._files_to_sync, self._dirs_to_sync)
+            self._files_to_sync, self._dirs_to_sync = set(), set()
+        return batch
+
+    def sync_batch_sync(self, batch: SyncBatch) -> None:
+        """fdatasync the staged chunks of `batch`, then fsync the directories that gained
+        them, so that they and their names survive power loss. On failure the batch is
+        handed back for the next attempt."""
+        files, dirs = batch.files, batch.dirs
+        try:
+            for path in files:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # garbage-collected meanwhile: nothing names it any more
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            # Leaf directories first, then the root that names any new ones.
+            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(d)
+        except BaseException:
+            with self._lock:  # the next durable commit tries again
+                self._files_to_sync |= files
+                self._dirs_to_sync |= dirs
+            raise
 
     def read_sync(self, key: ObjectKey, *, touch: bool = True) -> bytes | None:
         """A cached chunk's bytes, or None. touch=False for internal reads (uploads) that must

@@ -141,6 +141,7 @@ class DataPath:
         self._staging_timeout = staging_timeout
         self.staging_waits = 0
         self._crypto = trio.CapacityLimiter(crypto_threads)
+        self._seal_buffers: list[bytearray] = []
         self._fetching: dict[ObjectKey, trio.Event] = {}
         self._file_keys: collections.OrderedDict[tuple[InodeId, FileId, bytes], FileKey] = collections.OrderedDict()
         self._store_fetches: dict[ObjectKey, _StoreFetch] = {}
@@ -195,18 +196,35 @@ class DataPath:
             frame = self.compressor.compress(data, idx)
             if frame is not None:
                 payload, flags = frame, envelope.FLAG_ZSTD
-        # The flag is in the chunk header, which is authenticated (AAD): it cannot be flipped.
-        blob = envelope.seal_chunk(fk.dek, self._archive_id, fk.file_id, idx, generation, payload, flags)
+        out = self._take_seal_buffer(envelope.CHUNK_OVERHEAD + len(payload))
         try:
-            # Staged without a study: staged chunks are never evicted, and the indexer tags
-            # the file's chunks with their study once the file is closed and indexed.
-            self._cache.stage_sync(key, blob)
-        except OSError as exc:
-            self._cache.discard_sync(key)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace("the cache disk is full") from None
-            raise LocalIOError(f"cannot stage a chunk in the cache: {exc.strerror}") from None
-        return len(blob)
+            # The flag is in the chunk header, which is authenticated (AAD): it cannot be flipped.
+            blob = envelope.seal_chunk_into(out, fk.dek, self._archive_id, fk.file_id, idx, generation, payload, flags)
+            try:
+                # Staged without a study: staged chunks are never evicted, and the indexer tags
+                # the file's chunks with their study once the file is closed and indexed.
+                self._cache.stage_sync(key, blob)
+            except OSError as exc:
+                self._cache.discard_sync(key)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace("the cache disk is full") from None
+                raise LocalIOError(f"cannot stage a chunk in the cache: {exc.strerror}") from None
+            return len(blob)
+        finally:
+            self._seal_buffers.append(out)
+
+    def _take_seal_buffer(self, size: int) -> bytearray:
+        """A reused output buffer for one seal (worker threads; list pop/append are atomic).
+        At most one per crypto thread exists; a larger chunk (compression never grows one
+        past chunk_size + overhead, see compression.py) gets a fresh one."""
+        try:
+            buf = self._seal_buffers.pop()
+        except IndexError:
+            buf = bytearray(max(size, self.chunk_size + envelope.CHUNK_OVERHEAD))
+        if len(buf) < size:
+            buf = bytearray(size)
+        return buf
+
 
     async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> ObjectKey:
         """Seal `data` as chunk `idx` (a new generation and object), stage it durably on local

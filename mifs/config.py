@@ -103,6 +103,15 @@ class MountConfig:
     fetch_timeout: float = 60.0
     staging_timeout: float = 120.0
     sync_uploads: bool = False
+    sync_close: bool = False
+    """close(2) returns only once the file would survive power loss (as after fsync); by
+    default close survives a crash of the daemon at once and power loss within
+    sync_interval seconds (commits.py)."""
+    sync_interval: float = 5.0
+    xattrs: bool | None = None
+    """Extended attributes on the mount. None: on if the archive already holds any, else off.
+    Off, the kernel no longer asks for security.capability before every write(2), one FUSE
+    round trip per write call (Orthanc writes 4 KiB at a time)."""
     compress_level: int | None = None
     """zstd level chunks are compressed with before sealing; None: off (docs/CONFIG.md)."""
     # DICOM awareness (dicom_index)
@@ -135,14 +144,14 @@ _PATH_KEYS = {"mountpoint", "key_file", "passphrase_file", "cache_dir", "log_fil
 _STRING_KEYS = {"key_credential", "key_env", "kms_key_id", "kms_endpoint", "kms_region"}
 _RENAMED = {"store": "store_url", "options": "fuse_options", "kms.key_id": "kms_key_id", "kms.endpoint": "kms_endpoint", "kms.region": "kms_region",
             "audit.segment_seconds": "audit_segment_seconds", "tuning.compress": "compress_level"}
-_BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads"}
+_BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads", "sync_close", "xattrs"}
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
 _ID_LIST_KEYS = {"allow_uids", "allow_gids"}
 _DAYS_KEYS = {"retention_days", "worm_days"}
 _SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
 _TOP_LEVEL = {
     "store", "mountpoint", "key_file", "key_credential", "key_env", "passphrase_file", "cache_dir", "cache_size", "options",
-    "log_file", "debug",
+    "log_file", "debug", "xattrs",
 }
 _SECTIONS: dict[str, set[str]] = {
     "s3": {"endpoint_url", "region", "addressing_style", "ca_bundle", "profile"},
@@ -151,7 +160,8 @@ _SECTIONS: dict[str, set[str]] = {
     "access": {"allow_uids", "allow_gids"},
     "audit": {"segment_seconds"},
     "retention": {"retention_days", "worm_days"},
-    "tuning": {"upload_workers", "upload_delay", "fetch_timeout", "staging_timeout", "sync_uploads", "attr_timeout",
+    "tuning": {"upload_workers", "upload_delay", "fetch_timeout", "staging_timeout", "sync_uploads", "sync_close",
+               "sync_interval", "attr_timeout",
                "plaintext_cache_bytes", "dirty_buffer_bytes", "compress"},
 }
 
@@ -202,6 +212,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {path}: {key} must be a list of numeric ids", 2)
         elif key == "upload_delay" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
             raise UserError(f"config file {path}: tuning.upload_delay must be a number of seconds >= 0", 2)
+        elif key == "sync_interval" and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 60
+        ):
+            raise UserError(f"config file {path}: tuning.sync_interval must be a number of seconds in (0, 60]", 2)
         elif key == "audit_segment_seconds" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1):
             raise UserError(f"config file {path}: audit.segment_seconds must be a number >= 1", 2)
         elif key in _DAYS_KEYS:

@@ -102,11 +102,15 @@ class Operations(pyfuse3.Operations):
 
     def __init__(
         self, fs: FileSystem, attr_timeout: float = 60.0, *, audit: FsAudit | None = None,
-        allow_uids: frozenset[int] = frozenset(), allow_gids: frozenset[int] = frozenset(),
+        allow_uids: frozenset[int] = frozenset(), allow_gids: frozenset[int] = frozenset(), xattrs: bool = True,
     ) -> None:
         """audit: where accesses are recorded (None: not recorded). allow_uids/allow_gids:
         when either is non-empty, only root and these uids / primary gids may use the mount;
-        everyone else gets EACCES on everything but getattr of the root and statfs."""
+        everyone else gets EACCES on everything but getattr of the root and statfs. xattrs:
+        False answers every xattr request ENOSYS, which the kernel remembers for the mount
+        (callers get EOPNOTSUPP): it then stops asking for security.capability before each
+        write(2) (file_remove_privs; FUSE never sets SB_NOSEC without HANDLE_KILLPRIV_V2,
+        which pyfuse3 cannot request)."""
         super().__init__()
         self.fs = fs
         self._timeout = attr_timeout
@@ -114,6 +118,11 @@ class Operations(pyfuse3.Operations):
         self._allow_uids = allow_uids
         self._allow_gids = allow_gids
         self._restricted = bool(allow_uids or allow_gids)
+        self._xattrs = xattrs
+
+    def _xattrs_off(self) -> None:
+        if not self._xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # --- access control -----------------------------------------------------------------------
 
@@ -266,6 +275,9 @@ class Operations(pyfuse3.Operations):
             target = self._audit.target_of(self._child(parent_inode_old, name_old), parent=InodeId(parent_inode_old), name=name_old)
             target["new_path"] = self._audit.target_of(None, parent=InodeId(parent_inode_new), name=name_new).get("path")
         self.fs.ns.rename(InodeId(parent_inode_old), name_old, InodeId(parent_inode_new), name_new, ns_flags)
+        # A PACS publishes a stored file by renaming it into place: once rename returns, a
+        # crash of the daemon must not undo it (power loss: see commits.py).
+        await self.fs.files.commit(durable=False)
         if self._audit is not None:
             self._audit.record("rename", _who(ctx), target)
 
@@ -273,7 +285,9 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._gate(ctx, "link", inode)
         row = self.fs.ns.link(InodeId(inode), InodeId(new_parent_inode), new_name)
+        await self.fs.files.commit(durable=False)  # publishes a file, as rename does
         if self._audit is not None:
+
             self._audit.changed("link", _who(ctx), row.id, parent=InodeId(new_parent_inode), name=new_name)
         return self._remembered(row)
 
@@ -362,6 +376,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler(mutating=True)
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattrs_off()
         self._gate(ctx, "setxattr", inode)
         self.fs.ns.setxattr(InodeId(inode), name, value)
         if self._audit is not None:
@@ -370,6 +385,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # The kernel asks for security.capability before every write(2) (file_remove_privs):
         # answer without touching the database while no file carries that attribute.
+        self._xattrs_off()
         self._gate(ctx, "getxattr", inode)
         if name == CAPABILITY_XATTR and not self.fs.ns.capability_xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -381,11 +397,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        self._xattrs_off()
         self._gate(ctx, "listxattr", inode)
         return self.fs.ns.listxattr(InodeId(inode))
 
     @_handler(mutating=True)
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattrs_off()
         self._gate(ctx, "removexattr", inode)
         self.fs.ns.removexattr(InodeId(inode), name)
         if self._audit is not None:

@@ -96,8 +96,13 @@ class MetadataReplicator:
     def __init__(
         self, db: MetaDb, store: ObjectStore, key: bytes, work_dir: Path,
         journal_interval: float = 1.0, snapshot_interval: float = 3600.0, segments_per_snapshot: int = 600,
+        make_durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """make_durable: makes every commit so far survive power loss (Committer.commit_now);
+        a snapshot that caught a light commit is stored only after it. None: the database
+        has no light commits (offline tools)."""
         self._db = db
+        self._make_durable = make_durable
         self._store = store
         self._key = key
         self._work_dir = work_dir
@@ -216,8 +221,11 @@ class MetadataReplicator:
             raw = await trio.to_thread.run_sync(tmp.read_bytes)
         finally:
             tmp.unlink(missing_ok=True)
+        if seq > self._db.durable_seq and self._make_durable is not None:
+            await self._make_durable()  # the copy must not be ahead of what a power loss leaves
         key = ObjectKey(f"{SNAPSHOT_PREFIX}{seq:016x}")
         blob = await trio.to_thread.run_sync(self._seal, KIND_SNAPSHOT, key, raw)
+
         await self._store.put(key, blob)
         self._pending = [g for g in self._pending if g[0] > seq]
         self._need_snapshot = False

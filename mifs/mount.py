@@ -398,7 +398,7 @@ class Daemon:
         self.uploader = Uploader(
             archive.store, self.cache, self.db, cfg.upload_workers, delay=0.0 if cfg.sync_uploads else cfg.upload_delay
         )
-        self.committer = Committer(self.db, self.cache, self.uploader)
+        self.committer = Committer(self.db, self.cache, self.uploader, sync_interval=cfg.sync_interval)
         assert archive.keyring is not None and archive.key_source is not None
         self.data = DataPath(
             keyring=archive.keyring, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
@@ -414,17 +414,20 @@ class Daemon:
         self.files = FileData(
             self.db, self.data, self.committer, cfg.dirty_buffer_bytes,
             wait_uploaded=self.uploader.wait_uploaded if cfg.sync_uploads else None,
+            sync_close=cfg.sync_close or cfg.sync_uploads,
             changed=changed_send if cfg.index else None,
         )
         policy = RetentionPolicy(retention_ns=days_to_ns(cfg.retention_days), worm_ns=days_to_ns(cfg.worm_days))
         self.ns = Namespace(self.db, self.files, self.data.new_file_key, policy)
         self.ns.ensure_root(os.getuid(), os.getgid())
+        self.xattrs = cfg.xattrs if cfg.xattrs is not None else tables.xattrs_in_use(self.db)
         purged = self.ns.purge_orphans()
         if purged:
             log.info("removed %d unlinked inodes left by the previous run", purged)
         self.db.commit()
         self.uploader.load_pending()
-        self.uploader.after_commit()
+        self.uploader.after_commit(self.uploader.commit_point())
+
         self.fs = FileSystem(
             self.db, self.ns, self.files, cache_dir, cfg.read_only,
             opened_for_reading=opened_send if cfg.prefetch and not store_is_local else None,
@@ -444,8 +447,10 @@ class Daemon:
             log.info("%d files wait to be indexed, %d more wait for `mifs reindex`", waiting, deferred)
         # The replica is sealed under the KEK the database is under (they change together).
         self.replicator = MetadataReplicator(
-            self.db, archive.store, kek_of_db(self.db, archive).derive(desc.archive_id, "metadata-replica"), self.cache.tmp
+            self.db, archive.store, kek_of_db(self.db, archive).derive(desc.archive_id, "metadata-replica"), self.cache.tmp,
+            make_durable=self.committer.commit_now,
         )
+
         self.key_rotation = KeyRotation(
             db=self.db, store=archive.store, keyring=archive.keyring, descriptor=desc, own_source=archive.key_source,
             replicator=self.replicator, committer=self.committer, record=archive.rotation,
@@ -494,6 +499,8 @@ class Daemon:
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
             "read_only": self.cfg.read_only,
+            "xattrs": self.xattrs,
+            "sync_close": self.cfg.sync_close or self.cfg.sync_uploads,
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
             **self._compression_status(),
@@ -644,6 +651,7 @@ class Daemon:
         ops = Operations(
             self.fs, self.cfg.attr_timeout, audit=self.fs_audit,
             allow_uids=frozenset(self.cfg.allow_uids), allow_gids=frozenset(self.cfg.allow_gids),
+            xattrs=self.xattrs,
         )
         options = {"fsname=mifs", "subtype=mifs", "default_permissions"}
         options.update(o for o in self.cfg.fuse_options if o != "rw")

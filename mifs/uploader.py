@@ -47,7 +47,16 @@ STAGED_SHARE_NO_DELAY = 0.25
 
 
 @dataclass(frozen=True)
+class CommitPoint:
+    """What one commit recorded that may be acted on only once it is durable."""
+
+    uploaded: list[ObjectKey]
+    garbage: list[ObjectKey]
+
+
+@dataclass(frozen=True)
 class UploaderStatistics:
+
     pending_uploads: int
     pending_bytes: int
     oldest_pending_age: float
@@ -102,14 +111,23 @@ class Uploader:
         for key, size in tables.pending_uploads(self._db):
             self.enqueue(key, size, fresh=False)
 
-    def after_commit(self) -> None:
-        """Called right after a metadata commit: uploads recorded in it may now be evicted, and
-        garbage it recorded may now be deleted."""
+    def commit_point(self) -> CommitPoint:
+        """Called right after a metadata commit that is about to be made durable: the uploads
+        and the garbage it recorded. No checkpoint may separate the commit from this call:
+        then every upload recorded so far and every garbage row visible is in that commit."""
         done, self._awaiting_commit = self._awaiting_commit, []
-        for key in done:
+        return CommitPoint(done, tables.garbage_keys(self._db))
+
+    def retry_point(self, point: CommitPoint) -> None:
+        """The commit of `point` could not be made durable: its uploads wait for the next one."""
+        self._awaiting_commit[:0] = point.uploaded
+
+    def after_commit(self, point: CommitPoint) -> None:
+        """Called once the commit of `point` survives power loss: its uploaded chunks may now
+        be evicted from the cache, and its garbage deleted from the store."""
+        for key in point.uploaded:
             self._cache.mark_clean_sync(key)
-        # No checkpoint since the commit: every garbage row visible now is committed.
-        self._gc_ready.update(tables.garbage_keys(self._db))
+        self._gc_ready.update(point.garbage)
         if self._gc_ready:
             self._gc_wakeup.set()
 

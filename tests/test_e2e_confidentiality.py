@@ -75,7 +75,7 @@ def find_leaks(roots: list[Path], needles: list[bytes]) -> list[str]:
 
 
 def test_no_plaintext_at_rest(archive: Archive) -> None:
-    archive.mount()
+    archive.mount(flags=["--xattrs"])
     needles = write_secrets(archive.mountpoint)
     os.sync()
     # while mounted: staged chunks and the metadata database must already be ciphertext

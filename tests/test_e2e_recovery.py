@@ -68,7 +68,7 @@ def new_cache_dir(archive: Archive, name: str) -> Path:
 
 
 def test_fresh_cache_dir_rebuilds_the_tree(archive: Archive) -> None:
-    archive.mount()
+    archive.mount(flags=["--xattrs"])
     build_tree(archive.mountpoint, "first")
     archive.remount()
     build_tree(archive.mountpoint, "second")
@@ -87,7 +87,7 @@ def test_fresh_cache_dir_rebuilds_the_tree(archive: Archive) -> None:
 def test_host_loss_after_kill_9(archive: Archive) -> None:
     """Once uploads are done and the metadata journal is shipped, kill -9 plus losing the
     whole cache dir loses nothing."""
-    archive.mount()
+    archive.mount(flags=["--xattrs"])
     build_tree(archive.mountpoint, "data")
     expected = state(archive.mountpoint)
 
@@ -112,7 +112,7 @@ def test_host_loss_after_kill_9(archive: Archive) -> None:
 )
 def test_tampered_newest_snapshot_is_not_trusted(archive: Archive) -> None:
     for round_ in range(3):  # every clean unmount stores a snapshot; two are kept
-        archive.mount()
+        archive.mount(flags=["--xattrs"])
         build_tree(archive.mountpoint, f"round{round_}")
         expected = state(archive.mountpoint)
         archive.umount()

@@ -348,6 +348,8 @@ def test_symlinks(mounted: Archive) -> None:
 
 
 def test_xattrs(mounted: Archive) -> None:
+    mounted.umount()
+    mounted.mount(flags=["--xattrs"])
     mp = mounted.mountpoint
     write_file(mp / "f", b"x")
     (mp / "d").mkdir()
@@ -374,6 +376,32 @@ def test_xattrs(mounted: Archive) -> None:
                 assert os.getxattr(path, name) == value, (path, name)
 
     mounted.check_across_remount(check)
+
+
+def test_xattrs_are_off_unless_asked_for_or_already_in_the_archive(mounted: Archive) -> None:
+    """Off by default (the kernel then stops asking for security.capability before every
+    write(2)); an archive holding xattrs turns them on by itself; --no-xattrs hides them."""
+    mp = mounted.mountpoint
+    write_file(mp / "f", b"x")
+    assert mounted.status_json()["xattrs"] is False
+    assert_errno(errno.EOPNOTSUPP, os.setxattr, mp / "f", "user.a", b"1")
+    assert_errno(errno.EOPNOTSUPP, os.getxattr, mp / "f", "user.a")
+    assert_errno(errno.EOPNOTSUPP, os.listxattr, mp / "f")
+    write_file(mp / "small-writes", pattern("4k", 64 * 1024), piece=4096)  # no getxattr needed
+    mounted.umount()
+    mounted.mount(flags=["--xattrs"])
+    os.setxattr(mp / "f", "user.a", b"1")
+    mounted.umount()
+    mounted.mount()  # the archive has an xattr now: on without the flag
+    assert mounted.status_json()["xattrs"] is True
+    assert os.getxattr(mp / "f", "user.a") == b"1"
+    mounted.umount()
+    mounted.mount(flags=["--no-xattrs"])
+    assert_errno(errno.EOPNOTSUPP, os.getxattr, mp / "f", "user.a")
+    assert read_file(mp / "small-writes") == pattern("4k", 64 * 1024)
+    mounted.umount()
+    mounted.mount(flags=["--xattrs"])
+    assert os.getxattr(mp / "f", "user.a") == b"1"  # kept while hidden
 
 
 def test_chmod_chown_utime(mounted: Archive) -> None:

@@ -370,7 +370,7 @@ def test_host_loss_rebuilds_everything_from_key_and_bucket(s3_archive: Archive, 
     arc = s3_archive
     src = tmp_path / "src"
     write_study(src, StudySpec(seed=11, modality="MR", images_per_series=20))
-    arc.mount()
+    arc.mount(flags=["--xattrs"])  # after the host loss: on by itself (the archive has xattrs)
     mp = arc.mountpoint
     shutil.copytree(src, mp / "study")
     (mp / "empty-dir").mkdir()

@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options: allow_other, ro, ...")
     p.add_argument("--sync-uploads", action="store_true", help="close() and fsync() wait until the data is in the store")
+    xattr_group = p.add_mutually_exclusive_group()
+    xattr_group.add_argument("--xattrs", dest="xattrs", action="store_const", const=True, default=None,
+                             help="support extended attributes (default: only if the archive already has some; "
+                                  "costs a round trip to the daemon per write(2) call)")
+    xattr_group.add_argument("--no-xattrs", dest="xattrs", action="store_const", const=False,
+                             help="no extended attributes (EOPNOTSUPP), even if the archive has some")
+    p.add_argument("--sync-close", action="store_true",
+                   help="close() returns only once the file would survive power loss, as fsync() does "
+                        "(default: at once safe from a daemon crash, from power loss within 5 s)")
     p.add_argument("--upload-delay", type=float, metavar="SECONDS",
                    help="a newly written chunk waits up to SECONDS for writing to pause before it is uploaded (default 5; 0: at once)")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
@@ -260,10 +269,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "addressing_style": args.addressing_style,
         "ca_bundle": args.ca_bundle,
         "profile": args.profile,
+        "xattrs": args.xattrs,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(key_commands.mount_key_values(args))
-    for flag, name in ((args.foreground, "foreground"), (args.debug, "debug"), (args.sync_uploads, "sync_uploads")):
+    for flag, name in ((args.foreground, "foreground"), (args.debug, "debug"), (args.sync_uploads, "sync_uploads"),
+                       (args.sync_close, "sync_close")):
         if flag:
             values[name] = True
     for flag, name in ((args.no_index, "index"), (args.no_prefetch, "prefetch")):

@@ -4,7 +4,10 @@ Must not know about FUSE, chunks in flight or the store. Every call is synchrono
 and runs on the trio thread; commits are batched by the caller (see vfs.durability).
 
 The database is SQLCipher 4 keyed with a raw 256-bit key derived from the KEK
-(purpose "metadb"), in WAL mode with synchronous=FULL so that a commit survives power loss.
+(purpose "metadb"), in WAL mode with synchronous=NORMAL: a commit survives the death of the
+process at once (it is in the kernel's page cache), and survives power loss once a durable
+commit (`commit(durable=True)`: COMMIT, then fdatasync of the WAL file) covered it. That is
+SQLite's synchronous=FULL, decided per commit instead of per connection (see commits.py).
 temp_store=MEMORY keeps SQLite's temporary tables off the disk, where they would be plaintext.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,7 +51,7 @@ class MetaDb:
             self._conn.close()
             raise WrongKey("the metadata database cannot be opened with this key") from None
         self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA temp_store = MEMORY")
         self._conn.execute("PRAGMA foreign_keys = OFF")
         # Deleted rows (a destroyed file's wrapped key) are overwritten with zeros, not left
@@ -62,6 +66,9 @@ class MetaDb:
         self._journal_bytes = 0
         self._journal_overflow = False
         self.commit_seq = int(self.scalar("SELECT value FROM meta WHERE key = 'commit_seq'") or 0)
+        self.durable_seq = self.commit_seq
+        """The last commit known to survive power loss (everything up to it is fsynced)."""
+        self._wal_path = f"{path}-wal"
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -110,8 +117,37 @@ class MetaDb:
     def dirty(self) -> bool:
         return self._in_txn
 
-    def commit(self) -> None:
-        """Make every write so far durable (one WAL fsync)."""
+    @property
+    def undurable(self) -> bool:
+        """Whether commits were made that would not survive power loss yet."""
+        return self.durable_seq < self.commit_seq
+
+    def commit(self, *, durable: bool = True) -> None:
+        """Commit every write so far. durable: and make it, and every earlier commit, survive
+        power loss (one fdatasync of the WAL); otherwise it survives a crash of the process."""
+        self._commit_txn()
+        if durable and self.undurable:
+            self.sync_wal_sync()
+            self.durable_seq = self.commit_seq
+
+    def mark_durable(self, seq: int) -> None:
+        """Commits up to `seq` survive power loss: the WAL was synced after they were made."""
+        self.durable_seq = max(self.durable_seq, seq)
+
+    def sync_wal_sync(self) -> None:
+        """fdatasync the WAL file, so every commit made before the call survives power loss.
+        Touches no connection: safe in a worker thread while the trio thread keeps committing."""
+
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # checkpointed and removed: the database file itself was synced
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _commit_txn(self) -> None:
         if self._in_txn:
             seq = self.commit_seq + 1
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('commit_seq', ?)", (seq,))
@@ -153,11 +189,18 @@ class MetaDb:
         return self._journal[0][0] if self._journal else self.commit_seq + 1
 
     def take_journal(self) -> tuple[list[JournalGroup], bool]:
-        """The committed transactions not yet handed out, and whether some were dropped
-        (memory limit) so that only a full snapshot can bring a replica up to date."""
-        groups, overflow = self._journal, self._journal_overflow
-        self._journal, self._journal_bytes, self._journal_overflow = [], 0, False
+        """The durable committed transactions not yet handed out, and whether some were
+        dropped (memory limit) so that only a full snapshot can bring a replica up to date.
+        A light commit is handed out only once a durable commit covered it: a replica must
+        never be ahead of what this database still has after a power loss."""
+        cut = len(self._journal)
+        while cut and self._journal[cut - 1][0] > self.durable_seq:
+            cut -= 1
+        groups, self._journal = self._journal[:cut], self._journal[cut:]
+        overflow, self._journal_overflow = self._journal_overflow, False
+        self._journal_bytes = 0 if not self._journal else self._journal_bytes
         return groups, overflow
+
 
     def snapshot_to_sync(self, target: Path) -> int:
         """Write a consistent encrypted copy of the database to target (same key); returns the
@@ -203,6 +246,8 @@ class MetaDb:
                 raise
             self.commit_seq = seq
             applied += 1
+        if applied:
+            self.commit()  # durable
         return applied
 
     def checkpoint_truncate(self) -> bool:

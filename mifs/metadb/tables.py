@@ -241,6 +241,10 @@ def remove_xattr(db: MetaDb, inode: InodeId, name: bytes) -> bool:
     return db.write_count("DELETE FROM xattrs WHERE inode = ? AND name = ?", (inode, name)) > 0
 
 
+def xattrs_in_use(db: MetaDb) -> bool:
+    return db.one("SELECT 1 FROM xattrs LIMIT 1") is not None
+
+
 def xattr_name_in_use(db: MetaDb, name: bytes) -> bool:
     return db.one("SELECT 1 FROM xattrs WHERE name = ? LIMIT 1", (name,)) is not None
 

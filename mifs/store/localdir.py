@@ -121,6 +121,11 @@ class LocalDirStore:
         try:
             self._ensure_parent(path)
             (self.root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)  # a staged chunk may not be synced yet (light commits)
+            finally:
+                os.close(fd)
             os.link(source, tmp)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
@@ -136,7 +141,8 @@ class LocalDirStore:
         return True
 
     async def adopt_file(self, key: ObjectKey, source: Path) -> bool:
-        """Store an already durable local file as object `key` by hard-linking it (no copy).
+        """Store a local file as object `key` by hard-linking it (no copy), after syncing it.
+
 
         False if the file cannot be linked (another filesystem); the caller then uses put().
         """

@@ -72,9 +72,12 @@ class FileData:
     def __init__(
         self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int,
         wait_uploaded: Callable[[set[ObjectKey]], Awaitable[None]] | None = None,
-        changed: trio.MemorySendChannel[InodeId] | None = None,
+        changed: trio.MemorySendChannel[InodeId] | None = None, *, sync_close: bool = False,
     ) -> None:
-        """wait_uploaded: when given, flush and fsync also wait until the file's chunks are in
+        """sync_close: close(2) makes the file safe from power loss before it returns, as
+        fsync does (--sync-close); otherwise close commits it lightly (safe from a crash of the
+        daemon at once, from power loss within the committer's interval; see commits.py).
+        wait_uploaded: when given, flush and fsync also wait until the file's chunks are in
         the store (--sync-uploads). changed: when given, a file whose content changed is queued
         for indexing in the metadata (in the same commit as the change) and its inode is sent
         here once its last writer closed it; without it nothing is queued (--no-index)."""
@@ -82,6 +85,7 @@ class FileData:
         self._headers: dict[InodeId, bytes] = {}  # see take_header
         self._headers_bytes = 0
         self._wait_uploaded = wait_uploaded
+        self._sync_close = sync_close
         self._db = db
         self._data = data
         self._committer = committer
@@ -141,7 +145,7 @@ class FileData:
             try:
                 # The close(2) before this release already made the file's data and metadata
                 # durable (flush): commit again only for what changed since.
-                await self._flush_inode(h.inode, oi, durable_anyway=sealed_now)
+                await self._flush_inode(h.inode, oi, commit_anyway=sealed_now, durable=self._sync_close)
             finally:
                 # Two releases can flush the same state concurrently, and a new open may have
                 # attached a fresh state after the first dropped it: drop only our own.
@@ -362,11 +366,13 @@ class FileData:
         oi.attrs_dirty = False
 
     async def _flush_inode(
-        self, inode: InodeId, oi: OpenInode, *, durable_anyway: bool = False, seal_worm: bool = False
+        self, inode: InodeId, oi: OpenInode, *, commit_anyway: bool = False, durable: bool = True,
+        seal_worm: bool = False,
     ) -> None:
         """Seal, stage and commit what this file has written. A reader's close with nothing
-        of the file's own to make durable costs no commit; durable_anyway (a writer's close,
-        fsync) always commits, so metadata changed elsewhere is durable too. seal_worm: once
+        of the file's own to commit costs no commit; commit_anyway (a writer's close, fsync)
+        always commits, so metadata changed elsewhere is committed too. durable: the commit
+        also makes it safe from power loss (commits.py). seal_worm: once
         the data is staged, mark the file sealed for WORM in the same commit (the close of
         its only writer)."""
         await self._seal_all_or_raise(oi)
@@ -381,8 +387,8 @@ class FileData:
                 studies.queue_change(self._db, inode)
             oi.content_changed = False
         target = oi.changes
-        if target != oi.committed_changes or durable_anyway:
-            await self._committer.commit_now()
+        if target != oi.committed_changes or commit_anyway:
+            await self._committer.commit_now(durable=durable)
             oi.committed_changes = max(oi.committed_changes, target)
         if self._wait_uploaded is not None and oi.staged:
             staged, oi.staged = oi.staged, set()
@@ -393,15 +399,18 @@ class FileData:
         only writer seals it for WORM in the same commit as its data, so the release that
         follows needs no commit of its own."""
         h, oi = self.handle(fh)
-        # A writer's close always commits (a file created and closed empty is durable too).
+        # A writer's close always commits (a file created and closed empty is kept too).
         await self._flush_inode(
-            h.inode, oi, durable_anyway=durable_anyway or h.writable,
+            h.inode, oi, commit_anyway=durable_anyway or h.writable,
+            durable=durable_anyway or self._sync_close,
             seal_worm=closing and h.writable and oi.writers == 1,
         )
 
-    async def commit(self) -> None:
-        """Make every metadata change so far durable (fsyncdir, sync)."""
-        await self._committer.commit_now()
+    async def commit(self, *, durable: bool = True) -> None:
+        """Commit every metadata change so far; durable: also safe from power loss (fsyncdir,
+        sync), otherwise from a crash of the daemon (a rename that publishes a file)."""
+        await self._committer.commit_now(durable=durable)
+
 
     async def flush_all(self) -> None:
         """Seal and commit every open file (unmount, shutdown)."""
