@@ -142,6 +142,7 @@ class DataPath:
         self.staging_waits = 0
         self._crypto = trio.CapacityLimiter(crypto_threads)
         self._seal_buffers: list[bytearray] = []
+        self._fresh_keys: dict[tuple[FileId, bytes], bytes] = {}  # see new_file_key
         self._fetching: dict[ObjectKey, trio.Event] = {}
         self._file_keys: collections.OrderedDict[tuple[InodeId, FileId, bytes], FileKey] = collections.OrderedDict()
         self._store_fetches: dict[ObjectKey, _StoreFetch] = {}
@@ -167,7 +168,12 @@ class DataPath:
         """A fresh file id and its data key, wrapped under the current KEK, for a new file."""
         file_id = envelope.new_file_id()
         dek = envelope.new_data_key()
-        return file_id, envelope.wrap_data_key(self._keyring.current, self._archive_id, file_id, dek)
+        wrapped = envelope.wrap_data_key(self._keyring.current, self._archive_id, file_id, dek)
+        # The create that asked for it opens the file at once: spare it the unwrap.
+        self._fresh_keys[(file_id, wrapped)] = dek
+        if len(self._fresh_keys) > FILE_KEYS_KEPT:
+            del self._fresh_keys[next(iter(self._fresh_keys))]
+        return file_id, wrapped
 
     def file_key(self, inode: InodeId, file_id: FileId, wrapped_dek: bytes) -> FileKey:
         """The unwrapped key of a file. The last FILE_KEYS_KEPT are remembered (a reader's open
@@ -178,9 +184,11 @@ class DataPath:
         if fk is not None:
             self._file_keys.move_to_end(cache_key)
             return fk
-        # Any KEK the mount holds: during a key rotation a file's key may be under either.
-        kek = self._keyring.get(envelope.wrapped_key_kek_id(wrapped_dek))
-        dek = envelope.unwrap_data_key(kek, self._archive_id, file_id, wrapped_dek)
+        dek = self._fresh_keys.pop((file_id, wrapped_dek), None)
+        if dek is None:
+            # Any KEK the mount holds: during a key rotation a file's key may be under either.
+            kek = self._keyring.get(envelope.wrapped_key_kek_id(wrapped_dek))
+            dek = envelope.unwrap_data_key(kek, self._archive_id, file_id, wrapped_dek)
         fk = self._file_keys[cache_key] = FileKey(inode, file_id, dek)
         if len(self._file_keys) > FILE_KEYS_KEPT:
             self._file_keys.popitem(last=False)
@@ -227,9 +235,9 @@ class DataPath:
 
 
     async def write_chunk(self, fk: FileKey, idx: int, data: bytes | bytearray | memoryview) -> ObjectKey:
-        """Seal `data` as chunk `idx` (a new generation and object), stage it durably on local
-        disk (file fsynced; its directory is fsynced by the next commit), record it in the open
-        metadata transaction and queue its upload."""
+        """Seal `data` as chunk `idx` (a new generation and object), stage it on local disk
+        (synced by the next durable commit, see commits.py), record it in the open metadata
+        transaction and queue its upload."""
         await self._wait_for_staging_room(len(data))
         generation = tables.take_generations(self._db, fk.inode)
         key = new_object_key()

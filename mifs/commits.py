@@ -10,8 +10,9 @@ Must not know about files or handles. Two strengths:
   most `sync_interval` seconds after any change) fdatasyncs the staged chunks written since the
   last one, fsyncs the cache directories that gained them, commits, and fdatasyncs the WAL:
   then everything committed so far survives power loss. Only then is the uploader told
-  (after_commit): evicting an uploaded chunk or deleting garbage is safe only once the commit
-  that allows it can no longer be undone by a power loss.
+  (after_commit): deleting garbage from the store is safe only once the commit that allows it
+  can no longer be undone by a power loss. (Evicting the local copy of an uploaded chunk is
+  safe after any commit: the store has it; see Uploader.after_light_commit.)
 
 Concurrent callers are serialised and share one commit when they can (group commit).
 """
@@ -54,7 +55,7 @@ class Committer:
             return  # nothing to commit, or (durable) everything already survives power loss
         # Commit first, on this thread (the connection is the trio thread's). A light commit
         # needs nothing else: it never waits for a durable one in progress.
-        self._db.commit(durable=False)
+        self._commit_light()
         if not durable:
             return
         wanted = self._generation + 1
@@ -68,19 +69,19 @@ class Committer:
             # the cache) before its row was written, and commit_point sees exactly what they
             # recorded. Light commits made meanwhile stay light (their chunks may not be
             # synced by this pass; the next durable commit covers them).
-            self._db.commit(durable=False)
+            self._commit_light()
             seq = self._db.commit_seq
             point = self._uploader.commit_point()
             files = self._cache.take_sync_pending()
-            try:
-                await trio.to_thread.run_sync(self._sync, files)
-            except BaseException:
-                self._uploader.retry_point(point)  # the cache kept `files` for the next attempt
-                raise
+            await trio.to_thread.run_sync(self._sync, files)  # on failure the cache keeps `files`
             self._db.mark_durable(seq)
             self._uploader.after_commit(point)
             self._done = mine
             self._last_durable = trio.current_time()
+
+    def _commit_light(self) -> None:
+        self._db.commit(durable=False)
+        self._uploader.after_light_commit()  # no checkpoint since the commit
 
     def _sync(self, files: SyncBatch) -> None:
         """Worker thread: the staged chunks, their directories, then the WAL (~1-3 ms in all)."""

@@ -426,6 +426,7 @@ class Daemon:
             log.info("removed %d unlinked inodes left by the previous run", purged)
         self.db.commit()
         self.uploader.load_pending()
+        self.uploader.after_light_commit()
         self.uploader.after_commit(self.uploader.commit_point())
 
         self.fs = FileSystem(
@@ -506,6 +507,7 @@ class Daemon:
             **self._compression_status(),
             "metadata_shipped_seq": self.replicator.shipped_seq,
             "metadata_commit_seq": self.db.commit_seq,
+            "metadata_durable_seq": self.db.durable_seq,
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.files.statistics(),
             **self._audit_status(),

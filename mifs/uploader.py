@@ -50,7 +50,6 @@ STAGED_SHARE_NO_DELAY = 0.25
 class CommitPoint:
     """What one commit recorded that may be acted on only once it is durable."""
 
-    uploaded: list[ObjectKey]
     garbage: list[ObjectKey]
 
 
@@ -111,22 +110,25 @@ class Uploader:
         for key, size in tables.pending_uploads(self._db):
             self.enqueue(key, size, fresh=False)
 
-    def commit_point(self) -> CommitPoint:
-        """Called right after a metadata commit that is about to be made durable: the uploads
-        and the garbage it recorded. No checkpoint may separate the commit from this call:
-        then every upload recorded so far and every garbage row visible is in that commit."""
+    def after_light_commit(self) -> None:
+        """Called right after any metadata commit (no checkpoint between): the uploads it
+        recorded may now be evicted from the cache. Safe before the commit is durable: a
+        power loss that undoes the "stored" mark leaves the object in the store, and the
+        upload of a chunk that has no local copy any more finds it there (_upload)."""
         done, self._awaiting_commit = self._awaiting_commit, []
-        return CommitPoint(done, tables.garbage_keys(self._db))
+        for key in done:
+            self._cache.mark_clean_sync(key)
 
-    def retry_point(self, point: CommitPoint) -> None:
-        """The commit of `point` could not be made durable: its uploads wait for the next one."""
-        self._awaiting_commit[:0] = point.uploaded
+    def commit_point(self) -> CommitPoint:
+        """Called right after a metadata commit that is about to be made durable: the garbage
+        it recorded. No checkpoint may separate the commit from this call: then every garbage
+        row visible is in that commit."""
+        return CommitPoint(tables.garbage_keys(self._db))
 
     def after_commit(self, point: CommitPoint) -> None:
-        """Called once the commit of `point` survives power loss: its uploaded chunks may now
-        be evicted from the cache, and its garbage deleted from the store."""
-        for key in point.uploaded:
-            self._cache.mark_clean_sync(key)
+        """Called once the commit of `point` survives power loss: its garbage may now be
+        deleted from the store (a power loss that undid the commit would otherwise leave
+        metadata naming deleted objects)."""
         self._gc_ready.update(point.garbage)
         if self._gc_ready:
             self._gc_wakeup.set()
@@ -247,9 +249,25 @@ class Uploader:
             self._uploaded_objects += 1
             self._uploaded_bytes += size
         elif tables.chunk_state(self._db, key) == tables.STATE_STAGED:
-            # Staged, committed, but its local copy is gone: it can only be lost data.
-            log.error("staged chunk %s has no local copy; it cannot be uploaded", key)
+            # Staged, committed, but its local copy is gone. Uploaded and evicted before a
+            # power loss undid the "stored" mark: the store has it.
+            if await self._store_has(key):
+                tables.mark_stored(self._db, key)
+                self._awaiting_commit.append(key)
+                log.info("staged chunk %s was already in the store", key)
+                return
+            log.error("staged chunk %s has no local copy and is not in the store; it cannot be uploaded", key)
             self._last_error = f"staged chunk {key} is missing from the cache"
+
+    async def _store_has(self, key: ObjectKey) -> bool:
+        found = False
+
+        async def check() -> None:
+            nonlocal found
+            found = await self._store.exists(key)
+
+        await self._with_retry("lookup", key, check)
+        return found
 
     async def _with_retry(self, what: str, key: ObjectKey, fn: Callable[[], Awaitable[object]]) -> None:
         """Keep trying until the store takes it: the store wrapper already retried transient
