@@ -31,6 +31,7 @@ class FsSystem(System):
     """A directory tree the client uses with ordinary file I/O."""
 
     does_ingest = True
+    does_read = True
 
     @abc.abstractmethod
     def start_ingest(self, tag: str) -> Path:
@@ -167,6 +168,20 @@ class MifsSystem(FsSystem):
         info["wiped_chunk_files"], info["wiped_chunk_bytes"] = self.last_wiped
         info["mount_flags"] = " ".join(self.ctx.read_archive().mount_flags)
         return info
+
+
+@register_system
+class MifsSyncCloseSystem(MifsSystem):
+    name = "mifs-sync-close"
+    description = "mifs on SeaweedFS S3 mounted with --sync-close (close waits until the file survives power loss)"
+    does_read = False
+
+    def setup(self) -> None:
+        super().setup()
+        if self.ctx.mifs.mount_supports("--sync-close"):
+            self.flags.append("--sync-close")
+        else:
+            self.notes.append("`mifs mount` has no --sync-close (every close synced): mounted without it, same as mifs")
 
 
 @register_system

@@ -207,7 +207,7 @@ class StudyRead(Workload):
         self._verified: set[str] = set()
 
     def supports(self, system: System) -> bool:
-        return isinstance(system, (FsSystem, Boto3System))
+        return isinstance(system, Boto3System) or (isinstance(system, FsSystem) and system.does_read)
 
     def prepare(self, system: System) -> None:
         if isinstance(system, (FsSystem, Boto3System)):
@@ -397,7 +397,7 @@ class SeqRead(Workload):
         self._verified: set[str] = set()
 
     def supports(self, system: System) -> bool:
-        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
+        return (isinstance(system, FsSystem) and system.does_ingest and system.does_read) or isinstance(system, Boto3System)
 
     def prepare(self, system: System) -> None:
         size = _seq_size(self.ctx)

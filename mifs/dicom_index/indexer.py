@@ -34,6 +34,12 @@ MAX_BARE_HEADER = 1024 * 1024
 """How far to read for a header: a Part 10 file may carry large sequences before group 0020;
 a file without the magic that is not parsed by then is not taken for DICOM."""
 BATCH = 64
+QUIET_SECONDS = 0.25
+MAX_DEFER_SECONDS = 5.0
+"""The indexer yields to writers, as the uploads do: while files keep being written it waits
+until none was closed for QUIET_SECONDS, at most MAX_DEFER_SECONDS after it found work. Its
+header parsing holds the GIL (pydicom), so on a small host it would otherwise slow the ingest
+it indexes."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,18 @@ class Indexer:
                     except trio.WouldBlock:
                         break
                 continue
+            await self._yield_to_writers()
             for job in jobs:
                 await self._index_one(job)
+
+    async def _yield_to_writers(self) -> None:
+        deadline = trio.current_time() + MAX_DEFER_SECONDS
+        while True:
+            quiet_at = self._files.last_written_close + QUIET_SECONDS
+            now = trio.current_time()
+            if now >= quiet_at or now >= deadline:
+                return
+            await trio.sleep(min(quiet_at, deadline) - now)
 
     async def _read_and_parse(self, row: tables.InodeRow, fetch: bool) -> ParseResult:
         length = min(row.size, FIRST_READ)

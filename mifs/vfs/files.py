@@ -15,6 +15,7 @@ starts from a stale base. Code between checks of these maps and their use does n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -86,6 +87,8 @@ class FileData:
         self._headers_bytes = 0
         self._wait_uploaded = wait_uploaded
         self._sync_close = sync_close
+        self.last_written_close = -math.inf
+        """trio clock of the last close of a file after writing (the indexer yields to writers)."""
         self._db = db
         self._data = data
         self._committer = committer
@@ -184,6 +187,7 @@ class FileData:
         return oi is not None and oi.writers > 0
 
     def _notify_changed(self, inode: InodeId) -> None:
+        self.last_written_close = trio.current_time()
         if self._changed is None:
             return
         try:
