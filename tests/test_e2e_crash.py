@@ -1,7 +1,8 @@
 """End-to-end: kill -9 of the daemon loses nothing that was closed, and never shows wrong bytes.
 
-Talks to mifs only through the CLI, the mounted filesystem and signals. Contract: close() and
-fsync() mean durable on local disk; the next mount recovers by itself.
+Talks to mifs only through the CLI, the mounted filesystem and signals. Contract (docs/CONFIG.md,
+"Durability"): what close() or fsync() returned survives a crash of the daemon; the next mount
+recovers by itself.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def test_kill_9_while_writing(archive: Archive, tmp_path: Path) -> None:
 
 @pytest.mark.expect_log(r"\bWARNING\b")
 def test_kill_9_right_after_many_closes(archive: Archive) -> None:
-    """Closed files are durable at once, not only after an upload that may still be queued."""
+    """Closed files survive a crash at once, not only after an upload that may still be queued."""
     mp = archive.mountpoint
     archive.mount()
     expected = {f"f{i:03d}": nonzero_pattern(("burst", i), (i * 37 * KiB) % (3 * MiB) + i) for i in range(60)}
