@@ -7,24 +7,19 @@ daemon's process life (fork, readiness pipe). Business logic lives below; this m
 from __future__ import annotations
 
 import ctypes
-import errno
-import fcntl
 import logging
-import math
 import logging.handlers
+import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import trio
 
 from mifs import __version__
-from mifs.archive import Descriptor, load_descriptor, verify_descriptor
 from mifs.audit.commands import AuditCommands
 from mifs.audit.events import FsAudit
 from mifs.audit.spool import SPOOL_DIR, Spool
@@ -36,36 +31,38 @@ from mifs.compression import ChunkCompressor
 from mifs.config import MountConfig
 from mifs.control_protocol import socket_path
 from mifs.control_server import ControlServer, Peer
-from mifs.crypto.keyring import KeyRing, MasterKey
-from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource
 from mifs.dicom_index.catalog import StudyCatalog
 from mifs.dicom_index.commands import StudyCommands
 from mifs.dicom_index.indexer import Indexer
-from mifs.keyrotation import KeyRotation
-from mifs.keystore import RotationRecord, open_keyring
 from mifs.dicom_index.prefetch import Prefetcher
-from mifs.errors import (
-    ArchiveCorrupt,
-    ArchiveExists,
-    KeyFileError,
-    KeyRetired,
-    KeyUnavailable,
-    RotationError,
-    StoreNotFound,
-    StorePermissionDenied,
-    StoreUnavailable,
-    UserError,
-    WrongKey,
-)
+from mifs.errors import ArchiveCorrupt, StorePermissionDenied, StoreUnavailable, UserError
+from mifs.keyrotation import KeyRotation
 from mifs.metadb import studies, tables
-from mifs.mounttable import mount_fstype, raise_readahead, run_fusermount
-from mifs.metadb.db import DatabaseTooNew, MetaDb
-from mifs.metasync import MetadataReplicator, restore, store_has_metadata
+from mifs.metasync import MetadataReplicator
+from mifs.mounttable import raise_readahead, run_fusermount
+from mifs.opening import (
+    EXIT_ARCHIVE,
+    EXIT_DAEMON,
+    EXIT_INTERNAL,
+    EXIT_MOUNTPOINT,
+    EXIT_USAGE,
+    LOG_FILE,
+    OpenedArchive,
+    check_fuse_available,
+    check_mountpoint,
+    default_cache_dir,
+    kek_of_db,
+    key_source_of,
+    open_archive,
+    open_cache_db,
+    prepare_cache_dir,
+    restore_if_needed,
+    store_options,
+    translate,
+)
 from mifs.sdnotify import Notifier
 from mifs.shred.commands import ShredCommands
 from mifs.shred.service import Shredder
-from mifs.store.base import ObjectStore
-from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_url
 from mifs.types import InodeId
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
@@ -74,229 +71,6 @@ from mifs.vfs.namespace import Namespace
 from mifs.vfs.retention import RetentionPolicy, days_to_ns
 
 log = logging.getLogger(__name__)
-
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_STORE = 3
-EXIT_KEY = 4
-EXIT_ARCHIVE = 5
-EXIT_MOUNTPOINT = 6
-EXIT_FUSE = 7
-EXIT_DAEMON = 8
-EXIT_NOT_FOUND = 9
-EXIT_KEY_UNAVAILABLE = 10
-EXIT_KEY_RETIRED = 11
-EXIT_ROTATION = 12
-EXIT_AUDIT = 13
-EXIT_REFUSED = 14
-
-LOG_FILE = "mifs.log"
-DB_FILE = "meta.db"
-ARCHIVE_MARKER = "archive-id"
-
-
-# --- opening an archive (shared with the CLI) --------------------------------------------------
-
-
-@dataclass
-class OpenedArchive:
-    location: StoreLocation
-    store: ObjectStore
-    descriptor: Descriptor
-    keyring: KeyRing | None
-    key_source: KeySource | None
-    rotation: RotationRecord | None = None
-
-    @property
-    def kek(self) -> MasterKey | None:
-        """The current KEK (during a rotation: the new one)."""
-        return self.keyring.current if self.keyring is not None else None
-
-    def keks(self) -> list[MasterKey]:
-        """Every KEK held, the current one first."""
-        if self.keyring is None:
-            return []
-        return [self.keyring.current] + [self.keyring.get(i) for i in self.keyring.ids() if i != self.keyring.current.kek_id]
-
-
-def key_source_of(cfg: MountConfig) -> KeySource | None:
-    """The key source a mount config names (None: the default key file of the archive)."""
-    chosen = [
-        name for name, value in (
-            ("key_file", cfg.key_file), ("key_credential", cfg.key_credential), ("key_env", cfg.key_env),
-            ("passphrase", cfg.passphrase_file or cfg.passphrase), ("kms_key_id", cfg.kms_key_id),
-        ) if value
-    ]
-    if len(chosen) > 1:
-        raise UserError(f"give one key source, not {' and '.join(chosen)}", EXIT_USAGE)
-    if cfg.key_file is not None:
-        return KeySource(KIND_FILE, path=cfg.key_file)
-    if cfg.key_credential:
-        return KeySource(KIND_CREDENTIAL, name=cfg.key_credential)
-    if cfg.key_env:
-        return KeySource(KIND_ENV, name=cfg.key_env)
-    if cfg.passphrase_file is not None or cfg.passphrase is not None:
-        return KeySource(KIND_PASSPHRASE, path=cfg.passphrase_file, passphrase=cfg.passphrase)
-    if cfg.kms_key_id:
-        return KeySource(KIND_KMS, name=cfg.kms_key_id, endpoint=cfg.kms_endpoint, region=cfg.kms_region)
-    if cfg.kms_endpoint or cfg.kms_region:
-        raise UserError("--kms-endpoint and --kms-region need --kms-key-id", EXIT_USAGE)
-    return None
-
-
-def default_key_file(archive_id_hex: str) -> Path:
-    if os.geteuid() == 0:
-        return Path("/etc/mifs/keys") / f"{archive_id_hex}.key"
-    return Path.home() / ".config/mifs/keys" / f"{archive_id_hex}.key"
-
-
-def default_cache_dir(archive_id_hex: str) -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/cache/mifs") / archive_id_hex
-    return Path.home() / ".cache/mifs" / archive_id_hex
-
-
-def translate(exc: Exception) -> UserError:
-    """Domain errors raised while opening an archive, as one-line CLI errors."""
-    if isinstance(exc, UserError):
-        return exc
-    table: list[tuple[type[Exception], int]] = [
-        (StoreNotFound, EXIT_STORE), (StoreUnavailable, EXIT_STORE), (StorePermissionDenied, EXIT_STORE), (WrongKey, EXIT_KEY),
-        (ArchiveExists, EXIT_ARCHIVE), (KeyUnavailable, EXIT_KEY_UNAVAILABLE), (KeyRetired, EXIT_KEY_RETIRED),
-        (RotationError, EXIT_ROTATION),
-        (KeyFileError, EXIT_KEY), (ArchiveCorrupt, EXIT_ARCHIVE), (DatabaseTooNew, EXIT_ARCHIVE),
-    ]
-    for cls, code in table:
-        if isinstance(exc, cls):
-            return UserError(str(exc), code)
-    return UserError(f"unexpected error: {exc.__class__.__name__}", EXIT_INTERNAL)
-
-
-def store_options(cfg: MountConfig) -> StoreOptions:
-    return StoreOptions(cfg.endpoint_url, cfg.region, cfg.addressing_style, cfg.ca_bundle, cfg.profile)
-
-
-async def open_archive(
-    store_url: str, key: KeySource | None, *, need_key: bool = True, options: StoreOptions | None = None
-) -> OpenedArchive:
-    """Open the store and the archive's keyring. key None: the archive's default key file
-    (only if it exists, unless need_key). During a key rotation the keyring holds both KEKs
-    (see keystore.open_keyring)."""
-    location = parse_store_url(store_url)
-    try:
-        store = await open_store(location, options=options)
-        descriptor, tag = await load_descriptor(store)
-        keyring = None
-        rotation = None
-        if key is None:
-            candidate = default_key_file(descriptor.archive_id_hex)
-            if candidate.exists() or need_key:
-                key = KeySource(KIND_FILE, path=candidate)
-        if key is not None:
-            keyring, rotation = await open_keyring(key, store, descriptor, tag)
-    except (
-        StoreNotFound, StoreUnavailable, StorePermissionDenied, WrongKey, KeyFileError, ArchiveCorrupt, KeyUnavailable, KeyRetired,
-    ) as exc:
-        raise translate(exc) from None
-    return OpenedArchive(location, store, descriptor, keyring, key, rotation)
-
-
-def open_cache_db(cache_dir: Path, archive: OpenedArchive) -> MetaDb:
-    """Open (or create) the encrypted metadata database of an archive in its cache dir."""
-    assert archive.kek is not None
-    marker = cache_dir / ARCHIVE_MARKER
-    archive_hex = archive.descriptor.archive_id_hex
-    if marker.exists():
-        if marker.read_text().strip() != archive_hex:
-            raise UserError(f"cache dir {cache_dir} belongs to another archive", EXIT_ARCHIVE)
-    else:
-        marker.write_text(archive_hex + "\n")
-    # During a key rotation the database may still be under the old KEK (the rotation
-    # re-keys it); otherwise it is under the current one.
-    keks = archive.keks()
-    for kek in keks:
-        try:
-            return MetaDb(cache_dir / DB_FILE, kek.derive(archive.descriptor.archive_id, "metadb"))
-        except WrongKey as exc:
-            if kek is keks[-1]:
-                raise translate(exc) from None
-        except DatabaseTooNew as exc:
-            raise translate(exc) from None
-    raise AssertionError("unreachable")
-
-
-def kek_of_db(db: MetaDb, archive: OpenedArchive) -> MasterKey:
-    """The KEK the open metadata database is under."""
-    for kek in archive.keks():
-        if db.keyed_with(kek.derive(archive.descriptor.archive_id, "metadb")):
-            return kek
-    raise AssertionError("the database is under no key of the keyring")
-
-
-async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
-    """A cache dir without metadata on an archive whose store has some: rebuild it from the
-    store (new host, lost or wiped cache disk)."""
-    if (cache_dir / DB_FILE).exists() or not await store_has_metadata(archive.store):
-        return
-    assert archive.kek is not None
-    desc = archive.descriptor
-    marker = cache_dir / ARCHIVE_MARKER
-    if not marker.exists():
-        marker.write_text(desc.archive_id_hex + "\n")
-    keys = [(k.derive(desc.archive_id, "metadata-replica"), k.derive(desc.archive_id, "metadb")) for k in archive.keks()]
-    snap, seq = await restore(archive.store, keys, cache_dir / DB_FILE)
-    log.info("rebuilt the metadata from the store: snapshot %016x, journal up to commit %016x", snap, seq)
-
-
-# --- checks before mounting --------------------------------------------------------------------
-
-
-def check_fuse_available() -> None:
-    if not os.path.exists("/dev/fuse"):
-        raise UserError("/dev/fuse does not exist (load the fuse kernel module: modprobe fuse)", EXIT_FUSE)
-    if shutil.which("fusermount3") is None:
-        raise UserError("fusermount3 is not installed (apt-get install fuse3)", EXIT_FUSE)
-
-
-def check_mountpoint(path: Path) -> None:
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN and mount_fstype(path) == "fuse.mifs":
-            # A daemon that died (kill -9, OOM) leaves its mount behind: detach it and go on;
-            # everything it had closed is on local disk and the new daemon recovers it.
-            problem = run_fusermount(path, lazy=True)
-            if problem is not None:
-                raise UserError(f"mountpoint {path} holds a dead mifs mount that cannot be detached: {problem}", EXIT_MOUNTPOINT) from None
-            log.warning("detached the dead mifs mount at %s", path)
-        elif exc.errno == errno.ENOTCONN:
-            raise UserError(f"mountpoint {path} is a dead mount of another filesystem", EXIT_MOUNTPOINT) from None
-    if not path.exists():
-        raise UserError(f"mountpoint {path} does not exist", EXIT_MOUNTPOINT)
-    if not path.is_dir():
-        raise UserError(f"mountpoint {path} is not a directory", EXIT_MOUNTPOINT)
-    if os.path.ismount(path):
-        raise UserError(f"mountpoint {path} is already a mount point", EXIT_MOUNTPOINT)
-    try:
-        if any(os.scandir(path)):
-            raise UserError(f"mountpoint {path} is not empty", EXIT_MOUNTPOINT)
-    except PermissionError:
-        raise UserError(f"mountpoint {path} is not accessible", EXIT_MOUNTPOINT) from None
-
-
-def prepare_cache_dir(path: Path) -> int:
-    """Create the cache dir (0700) and take its lock; returns the lock's fd (held for life)."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise UserError(f"cannot use cache dir {path}: {exc.strerror}", EXIT_USAGE) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"cache dir {path} is in use by another mifs daemon", EXIT_MOUNTPOINT) from None
-    return fd
 
 
 # --- logging and process ------------------------------------------------------------------------

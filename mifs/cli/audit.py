@@ -26,8 +26,8 @@ from mifs.cli.keys import add_key_flags, key_source_from_args
 from mifs.cli.studies import ask
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable, UserError
-from mifs.mount import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_DAEMON, EXIT_USAGE, default_cache_dir, open_archive
 from mifs.mounttable import live_mifs_mounts
+from mifs.opening import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_DAEMON, EXIT_USAGE, default_cache_dir, open_archive
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreOptions
 from mifs.types import ArchiveId

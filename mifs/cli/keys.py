@@ -29,7 +29,8 @@ from mifs.crypto.keysource import (
 from mifs.errors import KeyFileError, UserError
 from mifs.keyrotation import key_status
 from mifs.keystore import read_rotation
-from mifs.mount import (
+from mifs.mounttable import mount_fstype
+from mifs.opening import (
     EXIT_DAEMON,
     EXIT_KEY,
     EXIT_ROTATION,
@@ -39,7 +40,6 @@ from mifs.mount import (
     open_cache_db,
     translate,
 )
-from mifs.mounttable import mount_fstype
 from mifs.store.url import StoreOptions
 
 _KIND_EXIT = {"usage": EXIT_ROTATION, "key": EXIT_KEY, "failed": EXIT_ROTATION}

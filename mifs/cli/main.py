@@ -39,19 +39,19 @@ from mifs.crypto.keysource import KIND_FILE
 from mifs.keystore import new_source_key, publish_source_key
 from mifs.errors import MifsError, UserError
 from mifs.metadb import tables
-from mifs.mount import (
+from mifs.mount import mount
+from mifs.mounttable import mount_fstype, run_fusermount
+from mifs.opening import (
     EXIT_DAEMON,
     EXIT_INTERNAL,
     EXIT_MOUNTPOINT,
     EXIT_USAGE,
     default_cache_dir,
     default_key_file,
-    mount,
     open_archive,
     open_cache_db,
     translate,
 )
-from mifs.mounttable import mount_fstype, run_fusermount
 from mifs.store.url import StoreOptions, open_store, parse_store_url
 
 

@@ -16,8 +16,8 @@ from typing import Any
 from mifs.cli.studies import ask, only_live_mount
 from mifs.config import format_size
 from mifs.errors import UserError
-from mifs.mount import EXIT_REFUSED, EXIT_USAGE
 from mifs.mounttable import live_mifs_mounts
+from mifs.opening import EXIT_REFUSED, EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:

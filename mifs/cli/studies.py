@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 from mifs.config import format_size
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.errors import UserError
-from mifs.mount import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
 from mifs.mounttable import live_mifs_mounts, mount_fstype
+from mifs.opening import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
 
 _KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED}
 
