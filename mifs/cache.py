@@ -209,7 +209,7 @@ class ChunkCache:
         os.rename(tmp, path)
         if durable:
             # Not synced here: the next durable commit syncs it with the others it covers
-            # (sync_staged_sync), before the metadata naming it.
+            # (sync_batch_sync), before the metadata naming it.
             with self._lock:
                 self._files_to_sync.add(path)
                 self._dirs_to_sync.add(Path(parent_str))
@@ -221,7 +221,7 @@ class ChunkCache:
 
     def stage_sync(self, key: ObjectKey, blob: bytes | memoryview, group: GroupId | None = None) -> None:
         """Keep a sealed chunk that is not yet in the store. It survives a crash of the process
-        on return, and power loss once sync_staged_sync ran."""
+        on return, and power loss once a durable commit synced it (sync_batch_sync)."""
         self._write(key, blob, durable=True)
         with self._lock:
             self._add(key, len(blob), True, group)

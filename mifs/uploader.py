@@ -55,7 +55,6 @@ class CommitPoint:
 
 @dataclass(frozen=True)
 class UploaderStatistics:
-
     pending_uploads: int
     pending_bytes: int
     oldest_pending_age: float

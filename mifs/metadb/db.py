@@ -137,7 +137,6 @@ class MetaDb:
     def sync_wal_sync(self) -> None:
         """fdatasync the WAL file, so every commit made before the call survives power loss.
         Touches no connection: safe in a worker thread while the trio thread keeps committing."""
-
         try:
             fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -198,9 +197,9 @@ class MetaDb:
             cut -= 1
         groups, self._journal = self._journal[:cut], self._journal[cut:]
         overflow, self._journal_overflow = self._journal_overflow, False
-        self._journal_bytes = 0 if not self._journal else self._journal_bytes
+        if not self._journal:
+            self._journal_bytes = 0  # else an overestimate until then: at worst an early snapshot
         return groups, overflow
-
 
     def snapshot_to_sync(self, target: Path) -> int:
         """Write a consistent encrypted copy of the database to target (same key); returns the
