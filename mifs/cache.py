@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
-from mifs.localfs import fsync_dir
+from mifs.localfs import fdatasync_path, fsync_dir
 from mifs.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -331,14 +331,7 @@ class ChunkCache:
         files, dirs = batch.files, batch.dirs
         try:
             for path in files:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # garbage-collected meanwhile: nothing names it any more
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                fdatasync_path(path)  # gone: garbage-collected meanwhile, nothing names it any more
             # Leaf directories first, then the root that names any new ones.
             for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(d)

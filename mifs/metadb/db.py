@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import sqlcipher3
 
 from mifs.errors import WrongKey
+from mifs.localfs import fdatasync_path
 from mifs.metadb.schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -137,14 +137,7 @@ class MetaDb:
     def sync_wal_sync(self) -> None:
         """fdatasync the WAL file, so every commit made before the call survives power loss.
         Touches no connection: safe in a worker thread while the trio thread keeps committing."""
-        try:
-            fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return  # checkpointed and removed: the database file itself was synced
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        fdatasync_path(self._wal_path)  # no WAL file: checkpointed and removed, the database was synced
 
     def _commit_txn(self) -> None:
         if self._in_txn:

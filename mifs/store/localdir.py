@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import trio
 
-from mifs.localfs import fsync_dir
+from mifs.localfs import fdatasync_path, fsync_dir
 from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
 from mifs.store.base import check_key
 from mifs.types import ObjectKey
@@ -121,11 +121,8 @@ class LocalDirStore:
         try:
             self._ensure_parent(path)
             (self.root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)  # a staged chunk may not be synced yet (light commits)
-            finally:
-                os.close(fd)
+            if not fdatasync_path(source):  # a staged chunk may not be synced yet (light commits)
+                return False
             os.link(source, tmp)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
