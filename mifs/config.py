@@ -108,6 +108,11 @@ class MountConfig:
     default close survives a crash of the daemon at once and power loss within
     sync_interval seconds (commits.py)."""
     sync_interval: float = 5.0
+    orphan_sweep_interval: float = 86400.0
+    """Seconds between passes of the orphan sweep (sweep.py); 0: off."""
+    orphan_grace: float = 3600.0
+    """An object no metadata names is deleted only when found unnamed this long after it was
+    first found so (sweep.py)."""
     xattrs: bool | None = None
     """Extended attributes on the mount. None: on if the archive already holds any, else off.
     Off, the kernel no longer asks for security.capability before every write(2), one FUSE
@@ -161,7 +166,7 @@ _SECTIONS: dict[str, set[str]] = {
     "audit": {"segment_seconds"},
     "retention": {"retention_days", "worm_days"},
     "tuning": {"upload_workers", "upload_delay", "fetch_timeout", "staging_timeout", "sync_uploads", "sync_close",
-               "sync_interval", "attr_timeout",
+               "sync_interval", "attr_timeout", "orphan_sweep_interval", "orphan_grace",
                "plaintext_cache_bytes", "dirty_buffer_bytes", "compress"},
 }
 
@@ -216,6 +221,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
             not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 60
         ):
             raise UserError(f"config file {path}: tuning.sync_interval must be a number of seconds in (0, 60]", 2)
+        elif key in ("orphan_sweep_interval", "orphan_grace") and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
+        ):
+            raise UserError(f"config file {path}: tuning.{key} must be a number of seconds >= 0", 2)
         elif key == "audit_segment_seconds" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1):
             raise UserError(f"config file {path}: audit.segment_seconds must be a number >= 1", 2)
         elif key in _DAYS_KEYS:

@@ -133,9 +133,8 @@ class MetadataReplicator:
     async def _store_is_current(self) -> bool:
         """Whether the store's snapshots and segments already reach our last commit (then the
         mount needs no snapshot of its own: the next segment continues the chain)."""
-        seqs = [_seq_of_snapshot(k) for k in await self._store.list(SNAPSHOT_PREFIX)]
-        seqs += [_range_of_segment(k)[1] for k in await self._store.list(JOURNAL_PREFIX)]
-        return bool(seqs) and max(seqs) >= self._db.first_unshipped_seq() - 1
+        newest = await newest_store_seq(self._store)
+        return newest >= 0 and newest >= self._db.first_unshipped_seq() - 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -291,6 +290,13 @@ def _open_any(keys: Sequence[tuple[bytes, bytes]], kind: int, name: ObjectKey, b
     raise IntegrityError("metadata blob failed authentication")
 
 
+async def newest_store_seq(store: ObjectStore) -> int:
+    """The newest commit the store's snapshots and journal segments reach (-1: none)."""
+    seqs = [_seq_of_snapshot(k) for k in await store.list(SNAPSHOT_PREFIX)]
+    seqs += [_range_of_segment(k)[1] for k in await store.list(JOURNAL_PREFIX)]
+    return max(seqs, default=-1)
+
+
 async def store_has_metadata(store: ObjectStore) -> bool:
     return bool(await store.list(SNAPSHOT_PREFIX))
 
@@ -319,6 +325,10 @@ async def restore(store: ObjectStore, keys: Sequence[tuple[bytes, bytes]], db_pa
         os.fsync(fd)
     finally:
         os.close(fd)
+    # A WAL left beside a database that is gone (moved away by hand) belongs to no database:
+    # SQLite would replay its pages into the rebuilt one.
+    for leftover in (db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
     os.rename(tmp, db_path)
     db = MetaDb(db_path, db_key)
     rolled_back = False

@@ -48,6 +48,7 @@ from mifs.opening import (
     EXIT_USAGE,
     LOG_FILE,
     OpenedArchive,
+    check_cache_not_behind_store,
     check_fuse_available,
     check_mountpoint,
     default_cache_dir,
@@ -63,6 +64,7 @@ from mifs.opening import (
 from mifs.sdnotify import Notifier
 from mifs.shred.commands import ShredCommands
 from mifs.shred.service import Shredder
+from mifs.sweep import OrphanSweeper
 from mifs.types import InodeId
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
@@ -235,6 +237,10 @@ class Daemon:
             self.db, self.ns, self.files, self.data, self.cache, self.committer, self.replicator,
             invalidate=self._invalidate_kernel, audit=self._audit_admin_action,
         )
+        self.sweeper = OrphanSweeper(
+            self.db, archive.store, interval=cfg.orphan_sweep_interval, grace=cfg.orphan_grace,
+            read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason),
+        )
         self.shred_commands = ShredCommands(
             self.shredder, policy.retention_ns, read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason)
         )
@@ -288,6 +294,7 @@ class Daemon:
             **self.study_commands.status(),
             **self.key_rotation.status(),
             **self.shredder.statistics(),
+            **self.sweeper.statistics(),
         }
 
     def _compression_status(self) -> dict[str, Any]:
@@ -456,6 +463,7 @@ class Daemon:
                 await nursery.start(self.replicator.run)
                 if not self.cfg.read_only:
                     await nursery.start(self.shredder.run)
+                    await nursery.start(self.sweeper.run)
                 await nursery.start(self._run_dicom_services)
                 await nursery.start(self._run_key_rotation)
                 await nursery.start(control.run)
@@ -490,6 +498,7 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 await restore_if_needed(archive, cache_dir)
             except ArchiveCorrupt as exc:
                 raise translate(exc) from None
+            await check_cache_not_behind_store(archive, cache_dir, read_only=cfg.read_only)
             assert archive.keyring is not None
             try:
                 trail, notes = await open_trail(

@@ -130,3 +130,37 @@ def test_tampered_newest_snapshot_is_not_trusted(archive: Archive) -> None:
     # Mounting is only right if the older snapshot plus the journal reproduce the newest
     # state: a silently older tree would be a rollback an attacker can force.
     assert_same_state(state(archive.mountpoint), expected, "rebuilt past a tampered snapshot")
+
+
+@pytest.mark.expect_log(r"WARNING .*the store holds metadata up to commit \d+, but the cache dir .* only up to commit \d+")
+def test_a_cache_dir_older_than_the_store_is_refused(archive: Archive) -> None:
+    """A failover host with its own stale cache, or a cache disk restored from an old copy,
+    must not fork the archive's metadata: the writable mount is refused with one clear line,
+    a read-only one shows what the cache knows, and moving the cache away rebuilds it all."""
+    mp = archive.mountpoint
+    archive.mount()
+    write_file(mp / "before", b"written before the copy")
+    archive.umount()
+    old_copy = archive.base / "cache-copy"
+    shutil.copytree(archive.cache_dir, old_copy)
+    archive.mount()
+    write_file(mp / "after", b"written after the copy")
+    archive.umount()
+    shutil.rmtree(archive.cache_dir)
+    shutil.copytree(old_copy, archive.cache_dir)
+
+    result = archive.try_mount()
+    assert_cli_error(result, 5)
+    assert "only up to commit" in result.stderr and "move the cache dir away" in result.stderr, describe(result)
+    assert not os.path.ismount(mp)
+
+    archive.mount(options=["ro"])
+    assert (mp / "before").read_bytes() == b"written before the copy"
+    assert not (mp / "after").exists()
+    archive.umount()
+
+    os.rename(archive.cache_dir, archive.base / "cache-stale")
+    new_cache_dir(archive, "cache")
+    archive.mount()
+    assert (mp / "before").read_bytes() == b"written before the copy"
+    assert (mp / "after").read_bytes() == b"written after the copy"

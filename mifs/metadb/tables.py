@@ -6,6 +6,7 @@ Must not decide POSIX semantics (vfs does) nor touch keys, chunks' bytes or the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from mifs.metadb.db import MetaDb, Row
 from mifs.types import FileId, InodeId, ObjectKey
@@ -223,6 +224,19 @@ def garbage_keys(db: MetaDb, limit: int = 1000) -> list[ObjectKey]:
 
 def forget_garbage(db: MetaDb, key: ObjectKey) -> None:
     db.write("DELETE FROM garbage WHERE object_key = ?", (key,))
+
+
+def named_object_keys(db: MetaDb, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
+    """Those of `keys` a chunk row or a garbage row names (the orphan sweep keeps them)."""
+    if not keys:
+        return set()
+    marks = ",".join("?" * len(keys))
+    rows = db.all(
+        f"SELECT object_key FROM chunks WHERE object_key IN ({marks}) "
+        f"UNION SELECT object_key FROM garbage WHERE object_key IN ({marks})",
+        (*keys, *keys),
+    )
+    return {ObjectKey(r[0]) for r in rows}
 
 
 # --- extended attributes -----------------------------------------------------------------------

@@ -183,7 +183,9 @@ class LocalDirStore:
 
     def _list_sync(self, prefix: str) -> list[ObjectKey]:
         keys: list[ObjectKey] = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # Walk only the directory the prefix lies in ("data/ab/" -> root/data/ab).
+        start = os.path.join(self.root, prefix.rpartition("/")[0])
+        for dirpath, dirnames, filenames in os.walk(start):
             rel = os.path.relpath(dirpath, self.root)
             if rel == TMP_DIR or rel.startswith(TMP_DIR + os.sep):
                 dirnames[:] = []

@@ -1,0 +1,146 @@
+"""The orphan sweep: deletes chunk objects in the store that no metadata row names.
+
+Must not see plaintext or keys. Every chunk object mifs writes is named by a chunk row before
+its upload starts (chunks.DataPath.write_chunk), and a row that goes away hands its object to
+the `garbage` table, which the uploader empties. Objects can still end up named by nothing:
+
+- the daemon dies (kill -9, a crash) after uploading a chunk whose row was in a transaction
+  that never committed;
+- a power loss undoes light commits (commits.py) whose chunks were already uploaded;
+- a chunk's garbage was purged while another copy of the same upload was retried by the store.
+
+They are encrypted under keys nothing holds any more, so they leak nothing, but they cost
+storage for ever. The sweep lists the store's chunk objects one fan-out prefix (`data/xx/`) at
+a time, keeps those that neither a chunk row nor a garbage row names, and deletes (with every
+stored version) only those found unnamed again by a later pass at least `grace` seconds after
+the first: keys are random and never reused, so a key unnamed twice stays unnamed.
+
+It refuses to run when the store's metadata (snapshots, journal) is newer than the local
+database: a database restored from an old copy of the cache disk does not know the chunks the
+newer metadata names, and deleting them would destroy files a restore from the store could
+bring back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.metadb import tables
+from mifs.metadb.db import MetaDb
+from mifs.metasync import newest_store_seq
+from mifs.store.base import ObjectStore
+from mifs.types import ObjectKey
+
+log = logging.getLogger(__name__)
+
+DATA_PREFIX = "data/"
+FAN_OUT = [f"{DATA_PREFIX}{i:02x}/" for i in range(256)]
+"""The prefixes chunk objects are spread over (chunks.new_object_key)."""
+MAX_CANDIDATES = 100_000
+"""At most this many unnamed keys are remembered between passes (the rest wait for the next)."""
+FIRST_PASS_DELAY = 600.0
+"""Seconds after mounting before the first pass: the mount settles (uploads resume) first."""
+CHECK_BATCH = 500
+"""Keys looked up in the database per query."""
+
+
+@dataclass
+class SweepStatistics:
+    orphan_sweeps: int = 0
+    orphans_purged: int = 0
+    orphan_candidates: int = 0
+    last_orphan_sweep: str | None = None
+    """UTC time the last pass finished, or why it was skipped."""
+
+
+class OrphanSweeper:
+    def __init__(
+        self, db: MetaDb, store: ObjectStore, *, interval: float, grace: float,
+        read_only: Callable[[], bool], first_delay: float = FIRST_PASS_DELAY,
+    ) -> None:
+        """interval: seconds between passes (0: never). grace: an unnamed object is deleted
+        only when a pass at least this many seconds after the one that first found it finds
+        it unnamed too. read_only: passes are skipped while it returns True (ro mount,
+        failsafe)."""
+        self._db = db
+        self._store = store
+        self._interval = interval
+        self._grace = grace
+        self._read_only = read_only
+        self._first_delay = first_delay
+        self._candidates: dict[ObjectKey, float] = {}  # unnamed key -> time.monotonic() first found
+        self.stats = SweepStatistics()
+
+    def statistics(self) -> dict[str, object]:
+        self.stats.orphan_candidates = len(self._candidates)
+        return dict(vars(self.stats))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self._interval <= 0:
+            return
+        await trio.sleep(min(self._first_delay, self._interval))
+        while True:
+            try:
+                await self.sweep_once()
+            except (StoreUnavailable, StorePermissionDenied) as exc:
+                self.stats.last_orphan_sweep = f"failed: {exc}"
+                log.warning("orphan sweep failed, trying again later: %s", exc)
+            # Candidates are confirmed by the first pass after their grace period.
+            wait = self._interval if not self._candidates else max(1.0, min(self._interval, self._grace))
+            await trio.sleep(wait)
+
+    async def sweep_once(self) -> int:
+        """One pass over the store; the number of objects deleted."""
+        if self._read_only():
+            self.stats.last_orphan_sweep = "skipped: the mount is read-only"
+            return 0
+        newest = await newest_store_seq(self._store)
+        if newest > self._db.commit_seq:
+            self.stats.last_orphan_sweep = "skipped: the store's metadata is newer than the local database"
+            log.warning(
+                "orphan sweep skipped: the store holds metadata up to commit %d, the local database only %d "
+                "(a cache disk restored from an old copy?)", newest, self._db.commit_seq,
+            )
+            self._candidates.clear()
+            return 0
+        now = time.monotonic()
+        seen: set[ObjectKey] = set()
+        purged = 0
+        for prefix in FAN_OUT:
+            keys = await self._store.list(prefix)
+            for start in range(0, len(keys), CHECK_BATCH):
+                batch = keys[start:start + CHECK_BATCH]
+                named = tables.named_object_keys(self._db, batch)
+                for key in batch:
+                    if key in named:
+                        continue
+                    seen.add(key)
+                    first = self._candidates.get(key)
+                    if first is None:
+                        if len(self._candidates) < MAX_CANDIDATES:
+                            self._candidates[key] = now
+                    elif now - first >= self._grace:
+                        # Checked against the database just now, with no checkpoint since.
+                        await self._store.purge(key)
+                        del self._candidates[key]
+                        purged += 1
+                        self.stats.orphans_purged += 1
+            await trio.sleep(0)  # let FUSE requests in between prefixes
+        # Forget candidates that are gone from the store or were named meanwhile.
+        for key in [k for k in self._candidates if k not in seen]:
+            del self._candidates[key]
+        self.stats.orphan_sweeps += 1
+        self.stats.last_orphan_sweep = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if purged or self._candidates:
+            log.info(
+                "orphan sweep: deleted %d unnamed objects from the store; %d more wait for their grace period",
+                purged, len(self._candidates),
+            )
+        return purged
