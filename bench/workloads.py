@@ -10,7 +10,8 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,41 @@ def _daemon_metrics(before: Any, after: Any) -> dict[str, float]:
     return out
 
 
+@dataclass
+class WriteRun:
+    """One timed write phase on a file system, then its drain (finish_ingest)."""
+
+    timing: Any
+    drain: float
+    info: dict[str, Any]
+    during: dict[str, float]
+    """The daemon's peak RSS and CPU over the writes alone."""
+    whole: dict[str, float]
+    """The same over the writes and the drain."""
+    cpu: CpuMeter
+    """Client, server and other CPU over the writes alone."""
+
+
+def timed_writes(ctx: Any, system: FsSystem, tag: str, write: Callable[[Path], Any]) -> WriteRun:
+    """Mount a fresh ingest tree, time write(root) under a CpuMeter, then drain and unmount it."""
+    root = system.start_ingest(tag)
+    before = system.daemon()
+    with CpuMeter(ctx, system) as cpu:  # the writes only: umount runs CLI processes
+        timing = write(root)
+    written = system.daemon()
+    drain, final, info = system.finish_ingest()
+    return WriteRun(timing, drain, info, _daemon_metrics(before, written), _daemon_metrics(before, final), cpu)
+
+
+class WriteWorkload(Workload):
+    """A workload that writes: every system that takes an ingest, and raw boto3's PUTs."""
+
+    def supports(self, system: System) -> bool:
+        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
+
+
 @register_workload
-class StudyIngest(Workload):
+class StudyIngest(WriteWorkload):
     name = "study-ingest"
     description = (
         "a PACS stores one CT study: each file written in 1 MiB writes under a temporary name, "
@@ -123,9 +157,6 @@ class StudyIngest(Workload):
         Metric("other_cpu_seconds", "other CPU s (writes, noise)", False, 2),
     )
 
-    def supports(self, system: System) -> bool:
-        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
-
     def run(self, system: System, repeat: int) -> Sample:
         study = self.ctx.study
         if isinstance(system, Boto3System):
@@ -135,21 +166,17 @@ class StudyIngest(Workload):
                        "total_seconds": timing.seconds, **cpu.metrics()}
             return Sample(system.name, self.name, repeat, metrics, {"what": f"{system.threads} threads PUT the files"})
         assert isinstance(system, FsSystem)
-        root = system.start_ingest(f"{self.name}-r{repeat}")
-        before = system.daemon()
-        with CpuMeter(self.ctx, system) as cpu:  # the writes only: umount runs CLI processes
-            timing = ingest(root, study, fsync=self.fsync, io_size=self.io_size)
-        written = system.daemon()
-        drain, final, info = system.finish_ingest()
+        run = timed_writes(self.ctx, system, f"{self.name}-r{repeat}",
+                           lambda root: ingest(root, study, fsync=self.fsync, io_size=self.io_size))
         metrics = {
-            "files_per_s": timing.files_per_second,
-            "seconds": timing.seconds,
-            "drain_seconds": drain,
-            "total_seconds": timing.seconds + drain,
-            **_daemon_metrics(before, final),
-            **cpu.metrics(_daemon_metrics(before, written).get("cpu_seconds")),
+            "files_per_s": run.timing.files_per_second,
+            "seconds": run.timing.seconds,
+            "drain_seconds": run.drain,
+            "total_seconds": run.timing.seconds + run.drain,
+            **run.whole,
+            **run.cpu.metrics(run.during.get("cpu_seconds")),
         }
-        return Sample(system.name, self.name, repeat, metrics, info)
+        return Sample(system.name, self.name, repeat, metrics, run.info)
 
     def profile(self, system: System, output: Path) -> dict[str, Any] | None:
         if not isinstance(system, FsSystem) or not system.does_ingest:
@@ -307,7 +334,7 @@ def _per_gib(cpu: float | None, size: int) -> float | None:
 
 
 @register_workload
-class SeqWrite(Workload):
+class SeqWrite(WriteWorkload):
     name = "seq-write"
     description = (
         "one large file (1 GiB; --seq-mib) written in 1 MiB writes and closed, MiB/s create to "
@@ -327,9 +354,6 @@ class SeqWrite(Workload):
         Metric("other_cpu_seconds", "other CPU s (write, noise)", False, 2),
     )
 
-    def supports(self, system: System) -> bool:
-        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
-
     def run(self, system: System, repeat: int) -> Sample:
         size = _seq_size(self.ctx)
         if isinstance(system, Boto3System):
@@ -339,29 +363,23 @@ class SeqWrite(Workload):
                    "total_mib_per_s": timing.mib_per_second, **cpu.metrics()}
             return Sample(system.name, self.name, repeat, raw, {"what": "multipart upload, 8 MiB parts, 8 threads"})
         assert isinstance(system, FsSystem)
-        root = system.start_ingest(f"{self.name}-r{repeat}")
-        before = system.daemon()
-        with CpuMeter(self.ctx, system) as cpu:
-            timing = write_seq(root, size)
-        written = system.daemon()
-        drain, final, info = system.finish_ingest()
+        run = timed_writes(self.ctx, system, f"{self.name}-r{repeat}", lambda root: write_seq(root, size))
+        timing = run.timing
         metrics: dict[str, float] = {
             "mib_per_s": timing.mib_per_second,
             "seconds": timing.seconds,
-            "drain_seconds": drain,
-            "total_mib_per_s": timing.bytes / (1024 * 1024) / (timing.seconds + drain),
+            "drain_seconds": run.drain,
+            "total_mib_per_s": timing.bytes / (1024 * 1024) / (timing.seconds + run.drain),
         }
-        during = _daemon_metrics(before, written)
-        if "peak_rss_mib" in during:
-            metrics["peak_rss_mib"] = during["peak_rss_mib"]
-        whole = _daemon_metrics(before, final)
-        per_gib = _per_gib(whole.get("cpu_seconds"), timing.bytes)
+        if "peak_rss_mib" in run.during:
+            metrics["peak_rss_mib"] = run.during["peak_rss_mib"]
+        per_gib = _per_gib(run.whole.get("cpu_seconds"), timing.bytes)
         if per_gib is not None:
             metrics["cpu_s_per_gib"] = per_gib
-        metrics.update(cpu.metrics(during.get("cpu_seconds")))
-        if "peak_rss_mib" in whole:
-            info["peak_rss_mib_with_drain"] = whole["peak_rss_mib"]
-        return Sample(system.name, self.name, repeat, metrics, info)
+        metrics.update(run.cpu.metrics(run.during.get("cpu_seconds")))
+        if "peak_rss_mib" in run.whole:
+            run.info["peak_rss_mib_with_drain"] = run.whole["peak_rss_mib"]
+        return Sample(system.name, self.name, repeat, metrics, run.info)
 
     def verdicts(self, summary: dict[str, dict[str, dict[str, float]]], samples: Sequence[Sample]) -> list[Verdict]:
         label = "1 GiB sequential write MiB/s"
@@ -518,7 +536,7 @@ RSS_GROWTH_LIMIT_MIB = 16.0
 
 
 @register_workload
-class Drain(Workload):
+class Drain(WriteWorkload):
     name = "drain"
     description = (
         "time until everything written is in the store: the study ingested as in study-ingest, "
@@ -539,9 +557,6 @@ class Drain(Workload):
         Metric("stored_objects", "stored objects/study", False, 0),
         Metric("cpu_seconds", "daemon CPU s", False, 2),
     )
-
-    def supports(self, system: System) -> bool:
-        return (isinstance(system, FsSystem) and system.does_ingest) or isinstance(system, Boto3System)
 
     def _requests(self, system: System) -> dict[str, float] | None:
         return self.ctx.s3.request_counts() if system.uses_s3 else None
