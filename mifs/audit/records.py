@@ -51,8 +51,18 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+_last_second: tuple[int, str] = (-1, "")
+"""The last whole second iso_ms formatted: every record of a busy second reuses it."""
+
+
 def iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    global _last_second
+    second, millis = divmod(ms, 1000)
+    cached, text = _last_second  # one read of a tuple: safe from any thread
+    if cached != second:
+        text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{millis:03d}Z"
 
 
 def parse_time(text: str) -> int:
