@@ -531,6 +531,11 @@ def test_open_handles_survive_unlink_and_rename(mounted: Archive) -> None:
         assert os.pread(fd, len(data) + 1, 0) == bytes(expected)
         os.ftruncate(fd, c)
         assert os.pread(fd, len(data), 0) == bytes(expected[:c])
+        # Attribute changes through the handle of an unlinked file still hold.
+        os.fchmod(fd, 0o640)
+        os.utime(fd, ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size) == (0o640, 1_500_000_000_000_000_000, c)
 
         os.rename(mp / "moving", mp / "moved")
         os.pwrite(fd2, b"after rename", 0)

@@ -361,8 +361,19 @@ class Namespace:
             if oi is not None:
                 oi.mtime_ns = None  # an explicit mtime wins over the one writes would set
         row.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
-        tables.save_inode_attrs(self._db, row)
-        return self.getattr(inode)
+        if row.nlink > 0 or self._keeps_unlinked(inode):
+            tables.save_inode_attrs(self._db, row)
+        # else: the kernel writing back the times of a file it just unlinked (writeback cache);
+        # the row goes with the FORGET that follows.
+        size = self._files.size_of(inode)
+        if size is not None:
+            row.size = size
+        return row
+
+    def _keeps_unlinked(self, inode: InodeId) -> bool:
+        """Whether an unlinked inode's attributes still matter: it is open (fchmod, futimens
+        through a handle) or may be undeleted (retention)."""
+        return inode in self._files.open or self.policy.retention_ns > 0
 
     # --- extended attributes ------------------------------------------------------------------
 
