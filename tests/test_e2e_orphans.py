@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mifs_e2e import Archive, KiB, assert_bytes_equal, nonzero_pattern, read_file, store_chunk_objects, write_file
+from mifs_e2e import Archive, KiB, assert_bytes_equal, describe, nonzero_pattern, read_file, store_chunk_objects, write_file
 from s3server import SeaweedS3
 from test_e2e_s3 import data_keys
 
@@ -58,6 +58,8 @@ def test_orphans_in_a_local_store_are_deleted_and_live_chunks_kept(archive: Arch
     status = archive.wait_status(lambda s: s["orphans_purged"] >= 3, 60, "the sweep to delete the planted orphans")
     assert status["orphans_purged"] == 3
     assert all(not (archive.store / key).exists() for key in orphans)
+    human = archive.run_cli("status", archive.mountpoint)
+    assert human.returncode == 0 and "3 unnamed store objects deleted" in human.stdout, describe(human)
     assert set(store_chunk_objects(archive.store)) == set(live), "the sweep touched a chunk that metadata names"
     verify(archive.mountpoint, files)
 

@@ -22,12 +22,11 @@ from mifs.audit import verify
 from mifs.audit.commands import query_from_request
 from mifs.audit.spool import SPOOL_DIR, Spool
 from mifs.audit.trail import Actor, AuditError, load_audit_keys, open_trail
+from mifs.cli.control import ask, named_or_only_mount
 from mifs.cli.keys import add_key_flags, key_source_from_args
-from mifs.cli.studies import ask
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable, UserError
-from mifs.mounttable import live_mifs_mounts
-from mifs.opening import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_DAEMON, EXIT_USAGE, default_cache_dir, open_archive
+from mifs.opening import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_USAGE, default_cache_dir, open_archive
 from mifs.store.base import ObjectStore
 from mifs.store.url import StoreOptions
 from mifs.types import ArchiveId
@@ -58,15 +57,8 @@ def _source_flags(p: argparse.ArgumentParser, add_store_flags: Any) -> None:
     add_store_flags(p)
 
 
-def _live_mount(args: argparse.Namespace) -> Path:
-    if args.mountpoint is not None:
-        return Path(args.mountpoint).absolute()
-    mounts = live_mifs_mounts()
-    if not mounts:
-        raise UserError("no mifs mount is live; name a mount point or use --store URL --key-file F", EXIT_DAEMON)
-    if len(mounts) > 1:
-        raise UserError(f"several mifs mounts are live ({', '.join(map(str, mounts))}): name one", EXIT_USAGE)
-    return Path(mounts[0])
+def _mount(args: argparse.Namespace) -> Path:
+    return named_or_only_mount(args.mountpoint, "name a mount point or use --store URL --key-file F")
 
 
 def _offline(args: argparse.Namespace, store_options: StoreOptions, query: verify.Query | None) -> dict[str, Any]:
@@ -90,7 +82,7 @@ def _offline(args: argparse.Namespace, store_options: StoreOptions, query: verif
 
 
 def cmd_verify(args: argparse.Namespace, store_options: StoreOptions) -> int:
-    result = _offline(args, store_options, None) if args.store else ask(_live_mount(args), {"op": "audit-verify"})
+    result = _offline(args, store_options, None) if args.store else ask(_mount(args), {"op": "audit-verify"})
     problems, gaps = list(result.get("problems") or []), list(result.get("gaps") or [])
     if args.json:
         print(json.dumps({k: result.get(k) for k in ("problems", "gaps", "segments", "sealed_segments", "records")}, indent=2))
@@ -145,7 +137,7 @@ def cmd_query(args: argparse.Namespace, store_options: StoreOptions) -> int:
         query = query_from_request(message)
     except ValueError as exc:
         raise UserError(str(exc), EXIT_USAGE) from None
-    result = _offline(args, store_options, query) if args.store else ask(_live_mount(args), message)
+    result = _offline(args, store_options, query) if args.store else ask(_mount(args), message)
     rows: list[dict[str, Any]] = list(result.get("records") or [])
     fmt = args.format or ("json" if args.json else "text")
     if fmt == "json":

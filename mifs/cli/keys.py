@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from mifs.control_protocol import ControlUnavailable, request
+from mifs.cli.control import named_or_only_mount, only_live_mount, replies
 from mifs.crypto.keyring import MasterKey, write_key_file
 from mifs.crypto.keysource import (
     KIND_CREDENTIAL,
@@ -41,6 +41,8 @@ from mifs.opening import (
     translate,
 )
 from mifs.store.url import StoreOptions
+
+ROTATION_IN_DAEMON = " (key rotation runs in the daemon of a live mount)"
 
 _KIND_EXIT = {"usage": EXIT_ROTATION, "key": EXIT_KEY, "failed": EXIT_ROTATION}
 
@@ -184,36 +186,21 @@ def _new_source(args: argparse.Namespace) -> KeySource | None:
     return None
 
 
-def _live_mount(mountpoint: Path | None) -> Path:
-    if mountpoint is not None:
-        return mountpoint.absolute()
-    from mifs.cli.studies import only_live_mount
-
-    return only_live_mount()
-
-
-def _daemon_replies(mountpoint: Path, message: dict[str, Any], timeout: float | None) -> Any:
-    try:
-        yield from request(mountpoint, message, timeout=timeout)
-    except ControlUnavailable:
-        if mount_fstype(mountpoint) == "fuse.mifs":
-            raise UserError(f"the mifs daemon for {mountpoint} is not responding", EXIT_DAEMON) from None
-        raise UserError(f"{mountpoint} is not a mifs mount (key rotation runs in the daemon of a live mount)", EXIT_DAEMON) from None
-
-
 def cmd_key_rotate(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be at least 1", EXIT_USAGE)
     if args.throttle is not None and not 0 <= args.throttle <= 60:
         raise UserError("--throttle must be between 0 and 60 seconds", EXIT_USAGE)
-    mountpoint = _live_mount(args.mountpoint)
+    mountpoint = named_or_only_mount(args.mountpoint)
+    if mount_fstype(mountpoint) != "fuse.mifs":  # before --generate writes a key file
+        raise UserError(f"{mountpoint} is not a mifs mount{ROTATION_IN_DAEMON}", EXIT_DAEMON)
     source = _new_source(args)
     message: dict[str, Any] = {
         "op": "key-rotate", "source": source.to_record() if source else None, "wait": not args.no_wait,
         "batch": args.batch_size, "throttle": args.throttle,
     }
     final: dict[str, Any] | None = None
-    for reply in _daemon_replies(mountpoint, message, None):
+    for reply in replies(mountpoint, message, not_mifs=ROTATION_IN_DAEMON):
         if "progress" in reply:
             p = reply["progress"]
             if not args.json:
@@ -269,10 +256,10 @@ def _offline_key_status(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_key_status(args: argparse.Namespace) -> int:
     target = args.target
     if target is None:
-        target = str(_live_mount(None))
+        target = str(only_live_mount())
     status: dict[str, Any] | None = None
     if "://" not in target and Path(target).is_dir() and mount_fstype(Path(target)) == "fuse.mifs":
-        for reply in _daemon_replies(Path(target).absolute(), {"op": "key-status"}, 30):
+        for reply in replies(Path(target).absolute(), {"op": "key-status"}, timeout=30, not_mifs=ROTATION_IN_DAEMON):
             if reply.get("ok"):
                 status = {**reply["keys"], "mounted": True}
             else:

@@ -33,6 +33,7 @@ from mifs.config import (
     parse_compress,
     parse_size,
 )
+from mifs.cli.control import only_live_mount
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.crypto.keyring import MasterKey, load_key_file, write_key_file
 from mifs.crypto.keysource import KIND_FILE
@@ -383,7 +384,7 @@ def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.target is None:
-        args.target = str(study_commands.only_live_mount())
+        args.target = str(only_live_mount())
     target = Path(args.target)
     status: dict[str, Any] | None = None
     if "://" not in args.target and target.is_dir():
@@ -425,6 +426,11 @@ def _print_status(status: dict[str, Any]) -> None:
                 "compression",
                 f"{status['compression']}: {status['compressed_chunks']} chunks since mount, "
                 f"{format_size(status['compressed_plain_bytes'])} -> {format_size(status['compressed_stored_bytes'])}",
+            ))
+        if status.get("orphans_purged") or status.get("orphan_candidates"):
+            rows.append((
+                "orphan sweep",
+                f"{status['orphans_purged']} unnamed store objects deleted, {status['orphan_candidates']} in their grace period",
             ))
         if status.get("last_error"):
             rows.append(("last error", status["last_error"]))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mifs.cli.studies import ask, only_live_mount
+from mifs.cli.control import ask, named_or_only_mount
 from mifs.config import format_size
 from mifs.errors import UserError
 from mifs.mounttable import live_mifs_mounts
@@ -73,7 +73,7 @@ def cmd_shred(args: argparse.Namespace) -> int:
         mountpoint = places[0][0]
         message["paths"] = [rel for _, rel in places]
     else:
-        mountpoint = args.mountpoint.absolute() if args.mountpoint else only_live_mount()
+        mountpoint = named_or_only_mount(args.mountpoint)
         message["study" if args.study else "patient"] = args.study or args.patient
     preview = _ask(mountpoint, {**message, "dry_run": True})
     what = f"{preview['files']} files ({format_size(int(preview['bytes']))}, {preview['objects']} objects" + (
@@ -97,7 +97,7 @@ def cmd_undelete(args: argparse.Namespace) -> int:
     if args.list:
         if args.path or args.id is not None or args.to:
             raise UserError("undelete --list takes no PATH, --id or --to", EXIT_USAGE)
-        mountpoint = args.mountpoint.absolute() if args.mountpoint else only_live_mount()
+        mountpoint = named_or_only_mount(args.mountpoint)
         items: list[dict[str, Any]] = ask(mountpoint, {"op": "undelete-list"}).get("items", [])
         if args.json:
             print(json.dumps(items, indent=2))
@@ -116,7 +116,7 @@ def cmd_undelete(args: argparse.Namespace) -> int:
         mountpoint, rel = _mount_of(args.path)
         message["path"] = rel
     else:
-        mountpoint = args.mountpoint.absolute() if args.mountpoint else only_live_mount()
+        mountpoint = named_or_only_mount(args.mountpoint)
         message["id"] = args.id
     if args.to is not None:
         to_mount, to_rel = _mount_of(args.to)

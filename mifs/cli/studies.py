@@ -10,15 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from mifs.cli.control import ask, named_or_only_mount
 from mifs.config import format_size
-from mifs.control_protocol import ControlUnavailable, request
 from mifs.errors import UserError
-from mifs.mounttable import live_mifs_mounts, mount_fstype
-from mifs.opening import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
-
-_KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED}
+from mifs.opening import EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:
@@ -62,48 +59,9 @@ def _add_mountpoint(p: argparse.ArgumentParser, *, positional: bool) -> None:
 
 def _mountpoint(args: argparse.Namespace) -> Path:
     given = getattr(args, "mountpoint", None) or getattr(args, "mountpoint_flag", None)
-    if given is not None:
-        return Path(given).absolute()
-    return only_live_mount()
+    return named_or_only_mount(given)
 
 
-def only_live_mount() -> Path:
-    """The mount point of the one live mifs mount; a UserError when there are none or several."""
-    mounts = live_mifs_mounts()
-    if not mounts:
-        raise UserError("no mifs mount is live; mount one or name its mount point", EXIT_DAEMON)
-    if len(mounts) > 1:
-        raise UserError(f"several mifs mounts are live ({', '.join(map(str, mounts))}): name one", EXIT_USAGE)
-    return mounts[0]
-
-
-def _ask(mountpoint: Path, message: dict[str, Any], on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Send one request; report progress lines; return the final reply or raise its error."""
-    final: dict[str, Any] | None = None
-    try:
-        replies: Iterator[dict[str, Any]] = request(mountpoint, message, timeout=None)
-        for reply in replies:
-            if "progress" in reply:
-                if on_progress is not None:
-                    on_progress(reply["progress"])
-            else:
-                final = reply
-    except ControlUnavailable:
-        if mount_fstype(mountpoint) == "fuse.mifs":
-            raise UserError(f"the mifs daemon for {mountpoint} is not responding", EXIT_DAEMON) from None
-        raise UserError(f"{mountpoint} is not a mifs mount", EXIT_DAEMON) from None
-    if final is None:
-        raise UserError(f"the mifs daemon for {mountpoint} closed the connection without an answer", EXIT_DAEMON)
-    if not final.get("ok"):
-        error = str(final.get("error", "the request failed"))
-        if error.startswith("unknown request"):
-            raise UserError(f"the mifs daemon for {mountpoint} is too old for this command; remount it", EXIT_DAEMON)
-        raise UserError(error, _KIND_EXIT.get(str(final.get("kind")), EXIT_DAEMON))
-    return final
-
-
-ask = _ask
-"""Public name for the other command modules of the CLI (shred, undelete)."""
 
 
 # --- studies -----------------------------------------------------------------------------------
@@ -115,7 +73,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
         "op": "studies", "mode": mode, "patient": args.patient, "study": args.study, "since": args.since,
         "modality": args.modality,
     }
-    reply = _ask(_mountpoint(args), message)
+    reply = ask(_mountpoint(args), message)
     items: list[dict[str, Any]] = reply.get("items", [])
     if args.json:
         print(json.dumps(items, indent=2))
@@ -167,14 +125,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     mountpoint = _mountpoint(args)
     command = args.cache_command
     if command == "ls":
-        items = _ask(mountpoint, {"op": "cache-ls"}).get("items", [])
+        items = ask(mountpoint, {"op": "cache-ls"}).get("items", [])
         if args.json:
             print(json.dumps(items, indent=2))
         else:
             _print_studies(items)
         return 0
     if command in ("pin", "unpin"):
-        reply = _ask(mountpoint, {"op": command, "study": args.study})
+        reply = ask(mountpoint, {"op": command, "study": args.study})
         if command == "pin":
             fetching = int(reply.get("fetching") or 0)
             print(f"pinned {args.study}" + (f"; fetching {fetching} objects into the cache" if fetching else ""))
@@ -183,7 +141,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     if bool(args.study) == bool(args.patient):
         raise UserError("cache prefetch needs a STUDY_UID or --patient ID (one of them)", EXIT_USAGE)
-    reply = _ask(
+    reply = ask(
         mountpoint, {"op": "prefetch", "study": args.study, "patient": args.patient, "wait": not args.no_wait},
         on_progress=_print_prefetch_progress,
     )
@@ -214,7 +172,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         files, left = int(p.get("files") or 0), int(p.get("left") or 0)
         print(f"mifs: reindexing: {files - left}/{files} files", file=sys.stderr)
 
-    reply = _ask(_mountpoint(args), {"op": "reindex"}, on_progress=progress)
+    reply = ask(_mountpoint(args), {"op": "reindex"}, on_progress=progress)
     print(
         f"reindexed {reply.get('files')} files: {reply.get('instances')} DICOM instances in {reply.get('studies')} studies, "
         f"{reply.get('malformed')} malformed, {reply.get('other')} other"
