@@ -64,7 +64,7 @@ from mifs.opening import (
 from mifs.sdnotify import Notifier
 from mifs.shred.commands import ShredCommands
 from mifs.shred.service import Shredder
-from mifs.sweep import OrphanSweeper
+from mifs.sweep import WRITER_SESSIONS_FILE, OrphanSweeper
 from mifs.types import InodeId
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
@@ -239,7 +239,7 @@ class Daemon:
         )
         self.sweeper = OrphanSweeper(
             self.db, archive.store, interval=cfg.orphan_sweep_interval, grace=cfg.orphan_grace,
-            read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason),
+            read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason), sessions_file=cache_dir / WRITER_SESSIONS_FILE,
         )
         self.shred_commands = ShredCommands(
             self.shredder, policy.retention_ns, read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason)
@@ -420,6 +420,12 @@ class Daemon:
                 log.error("could not store the final metadata snapshot: %s", exc)
         if scope.cancelled_caught:
             log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
+        if not self.cfg.read_only:
+            with trio.move_on_after(math.inf if self.cfg.wait_uploads_on_exit else 5.0):
+                try:
+                    await self.sweeper.unregister()
+                except (StoreUnavailable, StorePermissionDenied) as exc:
+                    log.warning("could not remove this mount's writer registration from the store: %s", exc)
         await trio.to_thread.run_sync(self.cache.stop_behind)
         self.trail.record("unmounted", session=self.trail.session, integrity_failures=self.data.integrity_failures)
         await self.trail.close(ship_timeout=60.0 if self.cfg.wait_uploads_on_exit else 5.0)

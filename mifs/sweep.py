@@ -15,22 +15,35 @@ a time, keeps those that neither a chunk row nor a garbage row names, and delete
 stored version) only those found unnamed again by a later pass at least `grace` seconds after
 the first: keys are random and never reused, so a key unnamed twice stays unnamed.
 
-It refuses to run when the store's metadata (snapshots, journal) is newer than the local
-database: a database restored from an old copy of the cache disk does not know the chunks the
-newer metadata names, and deleting them would destroy files a restore from the store could
-bring back.
+It refuses to run when another database may name chunks this one does not know:
+
+- when the store's metadata (snapshots, journal) is newer than the local database (a database
+  restored from an old copy of the cache disk, or another host wrote since);
+- when another writable mount is registered in the store (`writers/<session>`,
+  docs/FORMAT.md section 2): every writable mount registers a random session id when it
+  starts and removes it at a clean unmount; a mount removes the registrations its own cache
+  dir left behind (a crash of this gateway: it holds the cache dir's lock, so they are dead).
+  What remains belongs to another host, alive or crashed: two hosts writing one archive is
+  not supported, but a returning primary next to its failover host must not delete the
+  chunks the other's database names. Once the other host is gone for good, deleting its
+  registration from the store lets the sweep run again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import trio
 
 from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.localfs import fdatasync_path
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.metasync import newest_store_seq
@@ -48,6 +61,14 @@ FIRST_PASS_DELAY = 600.0
 """Seconds after mounting before the first pass: the mount settles (uploads resume) first."""
 CHECK_BATCH = 500
 """Keys looked up in the database per query."""
+WRITERS_PREFIX = "writers/"
+"""One object per registered writable mount, named by its random session id (docs/FORMAT.md
+section 2)."""
+WRITER_MARK = b'{"mifs_writer":1}'
+REGISTER_RETRY = 30.0
+WRITER_SESSIONS_FILE = "writer-sessions"
+"""In the cache dir: the sessions it registered (docs/FORMAT.md section 8)."""
+_SESSION_RE = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -62,12 +83,13 @@ class SweepStatistics:
 class OrphanSweeper:
     def __init__(
         self, db: MetaDb, store: ObjectStore, *, interval: float, grace: float,
-        read_only: Callable[[], bool], first_delay: float = FIRST_PASS_DELAY,
+        read_only: Callable[[], bool], sessions_file: Path, first_delay: float = FIRST_PASS_DELAY,
     ) -> None:
         """interval: seconds between passes (0: never). grace: an unnamed object is deleted
         only when a pass at least this many seconds after the one that first found it finds
         it unnamed too. read_only: passes are skipped while it returns True (ro mount,
-        failsafe)."""
+        failsafe). sessions_file: where the cache dir records the writer sessions it
+        registered in the store."""
         self._db = db
         self._store = store
         self._interval = interval
@@ -76,6 +98,49 @@ class OrphanSweeper:
         self._first_delay = first_delay
         self._candidates: dict[ObjectKey, float] = {}  # unnamed key -> time.monotonic() first found
         self.stats = SweepStatistics()
+        self.session = secrets.token_hex(16)
+        self._sessions_file = sessions_file
+        self._registered = False
+
+    # --- the writer registry --------------------------------------------------------------------
+
+    def _own_sessions(self) -> list[str]:
+        """Sessions this cache dir registered and did not remove (crashed mounts), and ours."""
+        try:
+            text = self._sessions_file.read_text()
+        except FileNotFoundError:
+            return []
+        return [line for line in text.split() if _SESSION_RE.fullmatch(line)]
+
+    def _save_own_sessions(self, sessions: list[str]) -> None:
+        tmp = self._sessions_file.with_name(self._sessions_file.name + ".tmp")
+        tmp.write_text("".join(f"{s}\n" for s in sessions))
+        fdatasync_path(str(tmp))
+        os.replace(tmp, self._sessions_file)
+
+    async def register(self) -> None:
+        """Register this mount as a writer; remove what this cache dir's crashed mounts left."""
+        stale = self._own_sessions()
+        # Recorded before the object exists: a crash in between leaves nothing unaccounted for.
+        self._save_own_sessions([*stale, self.session])
+        await self._store.put(ObjectKey(f"{WRITERS_PREFIX}{self.session}"), WRITER_MARK)
+        for old in stale:
+            await self._store.purge(ObjectKey(f"{WRITERS_PREFIX}{old}"))
+        self._save_own_sessions([self.session])
+        self._registered = True
+
+    async def unregister(self) -> None:
+        """At a clean unmount."""
+        if self._registered:
+            # Every version: a versioned bucket keeps no trail of mounts.
+            await self._store.purge(ObjectKey(f"{WRITERS_PREFIX}{self.session}"))
+            self._save_own_sessions([])
+            self._registered = False
+
+    async def other_writers(self) -> list[str]:
+        """Registered writable mounts other than this one."""
+        keys = await self._store.list(WRITERS_PREFIX)
+        return sorted(k for k in keys if k != f"{WRITERS_PREFIX}{self.session}")
 
     def statistics(self) -> dict[str, object]:
         self.stats.orphan_candidates = len(self._candidates)
@@ -83,6 +148,12 @@ class OrphanSweeper:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        while not self._registered:  # even with the sweep off: other mounts' sweeps look for it
+            try:
+                await self.register()
+            except (StoreUnavailable, StorePermissionDenied) as exc:
+                log.warning("cannot register this mount as a writer in the store, trying again later: %s", exc)
+                await trio.sleep(REGISTER_RETRY)
         if self._interval <= 0:
             return
         await trio.sleep(min(self._first_delay, self._interval))
@@ -100,6 +171,19 @@ class OrphanSweeper:
         """One pass over the store; the number of objects deleted."""
         if self._read_only():
             self.stats.last_orphan_sweep = "skipped: the mount is read-only"
+            return 0
+        if not self._registered:
+            self.stats.last_orphan_sweep = "skipped: this mount is not registered as a writer yet"
+            return 0
+        others = await self.other_writers()
+        if others:
+            self.stats.last_orphan_sweep = f"skipped: other writable mounts are registered ({', '.join(others)})"
+            log.warning(
+                "orphan sweep skipped: the store registers other writable mounts of this archive (%s): another host "
+                "has it mounted, or crashed and never mounted it again. Mount each archive from one host at a time; "
+                "once that host is gone for good, delete its registration from the store", ", ".join(others),
+            )
+            self._candidates.clear()
             return 0
         newest = await newest_store_seq(self._store)
         if newest > self._db.commit_seq:

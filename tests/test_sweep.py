@@ -17,7 +17,7 @@ import trio
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.store.localdir import LocalDirStore
-from mifs.sweep import OrphanSweeper
+from mifs.sweep import WRITER_SESSIONS_FILE, OrphanSweeper
 from mifs.types import InodeId, ObjectKey
 
 KEY = bytes(range(32))
@@ -30,6 +30,7 @@ def new_key() -> ObjectKey:
 
 class Rig:
     def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
         self.db = MetaDb(tmp_path / "meta.db", KEY)
         self.root = tmp_path / "store"
         self.store = LocalDirStore(self.root, create=True)
@@ -50,8 +51,19 @@ class Rig:
     def objects(self) -> set[str]:
         return {str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
 
-    def sweeper(self, grace: float) -> OrphanSweeper:
-        return OrphanSweeper(self.db, self.store, interval=3600, grace=grace, read_only=lambda: self.read_only)
+    def sweeper(self, grace: float, *, cache_dir: str = "cache", register: bool = True) -> OrphanSweeper:
+        """A sweeper of a mount whose cache dir is tmp_path/cache_dir, registered as a writer."""
+        (self.tmp / cache_dir).mkdir(exist_ok=True)
+        sweeper = OrphanSweeper(
+            self.db, self.store, interval=3600, grace=grace, read_only=lambda: self.read_only,
+            sessions_file=self.tmp / cache_dir / WRITER_SESSIONS_FILE,
+        )
+        if register:
+            trio.run(sweeper.register)
+        return sweeper
+
+    def writers(self) -> set[str]:
+        return {p.name for p in (self.root / "writers").glob("*")}
 
 
 @pytest.fixture
@@ -74,8 +86,9 @@ def test_only_objects_unnamed_in_two_passes_are_deleted(rig: Rig) -> None:
     for key in others:
         rig.put_object(key)
     rig.db.commit()
-    before = rig.objects()
     sweeper = rig.sweeper(grace=0)
+    before = rig.objects()
+    assert f"writers/{sweeper.session}" in before
 
     assert trio.run(sweeper.sweep_once) == 0, "the first pass only notes candidates"
     assert rig.objects() == before
@@ -143,3 +156,38 @@ def test_no_pass_on_a_read_only_mount(rig: Rig) -> None:
         assert trio.run(sweeper.sweep_once) == 0
     assert orphan in rig.objects()
     assert "read-only" in str(sweeper.statistics()["last_orphan_sweep"])
+
+
+def test_writers_register_and_a_crashed_registration_of_the_same_cache_dir_is_removed(rig: Rig) -> None:
+    crashed = rig.sweeper(grace=0)  # registered, never unregistered: a kill -9
+    assert rig.writers() == {crashed.session}
+    again = rig.sweeper(grace=0)  # the next mount on the same cache dir
+    assert rig.writers() == {again.session}
+    trio.run(again.unregister)  # clean unmount
+    assert rig.writers() == set()
+
+
+def test_no_pass_while_another_writable_mount_is_registered(rig: Rig) -> None:
+    """A failover host next to a returning primary (or a host that crashed and never came
+    back): neither may delete chunks that only the other's database names."""
+    orphan = new_key()
+    rig.put_object(orphan)
+    primary = rig.sweeper(grace=0, cache_dir="primary")
+    failover = rig.sweeper(grace=0, cache_dir="failover")
+    for sweeper in (primary, failover, primary, failover):
+        assert trio.run(sweeper.sweep_once) == 0
+        assert "other writable mounts are registered" in str(sweeper.statistics()["last_orphan_sweep"])
+    assert orphan in rig.objects()
+    trio.run(failover.unregister)
+    assert trio.run(primary.sweep_once) == 0
+    assert trio.run(primary.sweep_once) == 1
+    assert orphan not in rig.objects()
+
+
+def test_no_pass_before_the_mount_is_registered(rig: Rig) -> None:
+    orphan = new_key()
+    rig.put_object(orphan)
+    sweeper = rig.sweeper(grace=0, register=False)
+    for _ in range(2):
+        assert trio.run(sweeper.sweep_once) == 0
+    assert orphan in rig.objects()
