@@ -425,7 +425,8 @@ class Daemon:
                 try:
                     await self.sweeper.unregister()
                 except (StoreUnavailable, StorePermissionDenied) as exc:
-                    log.warning("could not remove this mount's writer registration from the store: %s", exc)
+                    log.info("could not remove this mount's writer registration from the store (the next mount "
+                             "of this cache dir does): %s", exc)
         await trio.to_thread.run_sync(self.cache.stop_behind)
         self.trail.record("unmounted", session=self.trail.session, integrity_failures=self.data.integrity_failures)
         await self.trail.close(ship_timeout=60.0 if self.cfg.wait_uploads_on_exit else 5.0)

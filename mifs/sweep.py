@@ -66,6 +66,7 @@ WRITERS_PREFIX = "writers/"
 section 2)."""
 WRITER_MARK = b'{"mifs_writer":1}'
 REGISTER_RETRY = 30.0
+REGISTER_AT_START = 10.0
 WRITER_SESSIONS_FILE = "writer-sessions"
 """In the cache dir: the sessions it registered (docs/FORMAT.md section 8)."""
 _SESSION_RE = re.compile(r"[0-9a-f]{32}")
@@ -137,6 +138,13 @@ class OrphanSweeper:
             self._save_own_sessions([])
             self._registered = False
 
+    async def _try_register(self) -> None:
+        try:
+            await self.register()
+        except (StoreUnavailable, StorePermissionDenied) as exc:
+            # Not a warning of its own: the outage is reported by whatever else needs the store.
+            log.info("cannot register this mount as a writer in the store yet: %s", exc)
+
     async def other_writers(self) -> list[str]:
         """Registered writable mounts other than this one."""
         keys = await self._store.list(WRITERS_PREFIX)
@@ -147,13 +155,14 @@ class OrphanSweeper:
         return dict(vars(self.stats))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Registered before the mount counts as started when the store answers at once (it just
+        # served the descriptor), so no upload of this mount precedes its registration.
+        with trio.move_on_after(REGISTER_AT_START):
+            await self._try_register()
         task_status.started()
         while not self._registered:  # even with the sweep off: other mounts' sweeps look for it
-            try:
-                await self.register()
-            except (StoreUnavailable, StorePermissionDenied) as exc:
-                log.warning("cannot register this mount as a writer in the store, trying again later: %s", exc)
-                await trio.sleep(REGISTER_RETRY)
+            await trio.sleep(REGISTER_RETRY)
+            await self._try_register()
         if self._interval <= 0:
             return
         await trio.sleep(min(self._first_delay, self._interval))
