@@ -121,7 +121,7 @@ class OrphanSweeper:
 
     async def register(self) -> None:
         """Register this mount as a writer; remove what this cache dir's crashed mounts left."""
-        stale = self._own_sessions()
+        stale = [old for old in self._own_sessions() if old != self.session]  # ours: an interrupted try
         # Recorded before the object exists: a crash in between leaves nothing unaccounted for.
         self._save_own_sessions([*stale, self.session])
         await self._store.put(ObjectKey(f"{WRITERS_PREFIX}{self.session}"), WRITER_MARK)
@@ -144,6 +144,8 @@ class OrphanSweeper:
         except (StoreUnavailable, StorePermissionDenied) as exc:
             # Not a warning of its own: the outage is reported by whatever else needs the store.
             log.info("cannot register this mount as a writer in the store yet: %s", exc)
+        except OSError as exc:
+            log.warning("cannot record this mount's writer session in the cache dir, trying again later: %s", exc.strerror)
 
     async def other_writers(self) -> list[str]:
         """Registered writable mounts other than this one."""

@@ -191,3 +191,12 @@ def test_no_pass_before_the_mount_is_registered(rig: Rig) -> None:
     for _ in range(2):
         assert trio.run(sweeper.sweep_once) == 0
     assert orphan in rig.objects()
+
+
+def test_an_interrupted_registration_is_completed_without_removing_itself(rig: Rig) -> None:
+    """A registration cut off after recording the session (the 10 s bound at mount) is tried
+    again: the retry must not take the session it recorded for a crashed one."""
+    sweeper = rig.sweeper(grace=0, register=False)
+    sweeper._save_own_sessions([sweeper.session])  # what the first try had recorded
+    trio.run(sweeper.register)
+    assert rig.writers() == {sweeper.session}
