@@ -422,11 +422,7 @@ class Daemon:
             log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
         if not self.cfg.read_only:
             with trio.move_on_after(math.inf if self.cfg.wait_uploads_on_exit else 5.0):
-                try:
-                    await self.sweeper.unregister()
-                except (StoreUnavailable, StorePermissionDenied) as exc:
-                    log.info("could not remove this mount's writer registration from the store (the next mount "
-                             "of this cache dir does): %s", exc)
+                await self.sweeper.unregister()
         await trio.to_thread.run_sync(self.cache.stop_behind)
         self.trail.record("unmounted", session=self.trail.session, integrity_failures=self.data.integrity_failures)
         await self.trail.close(ship_timeout=60.0 if self.cfg.wait_uploads_on_exit else 5.0)

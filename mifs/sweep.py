@@ -131,12 +131,21 @@ class OrphanSweeper:
         self._registered = True
 
     async def unregister(self) -> None:
-        """At a clean unmount."""
-        if self._registered:
+        """At a clean unmount. If the store cannot be reached, the next mount of this cache dir
+        removes the registration (it is in the sessions file)."""
+        if not self._registered:
+            return
+        try:
             # Every version: a versioned bucket keeps no trail of mounts.
             await self._store.purge(ObjectKey(f"{WRITERS_PREFIX}{self.session}"))
+        except (StoreUnavailable, StorePermissionDenied) as exc:
+            log.info("could not remove this mount's writer registration from the store: %s", exc)
+            return
+        self._registered = False
+        try:
             self._save_own_sessions([])
-            self._registered = False
+        except OSError as exc:  # benign: the next mount purges an already purged registration
+            log.info("could not update %s: %s", self._sessions_file.name, exc.strerror)
 
     async def _try_register(self) -> None:
         try:
