@@ -284,6 +284,7 @@ class Daemon:
             "sync_close": self.cfg.sync_close or self.cfg.sync_uploads,
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
+            "staging_waits": self.data.staging_waits,
             **self._compression_status(),
             "metadata_shipped_seq": self.replicator.shipped_seq,
             "metadata_commit_seq": self.db.commit_seq,
