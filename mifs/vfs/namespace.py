@@ -115,7 +115,11 @@ class Namespace:
         row = tables.get_inode(self._db, inode)
         if row is None:
             raise NotFound(f"inode {inode} does not exist")
-        size = self._files.size_of(inode)
+        return self._with_live_size(row)
+
+    def _with_live_size(self, row: InodeRow) -> InodeRow:
+        """row, with the size of the file's open writers where they changed it."""
+        size = self._files.size_of(row.id)
         if size is not None:
             row.size = size
         return row
@@ -365,10 +369,7 @@ class Namespace:
             tables.save_inode_attrs(self._db, row)
         # else: the kernel writing back the times of a file it just unlinked (writeback cache);
         # the row goes with the FORGET that follows.
-        size = self._files.size_of(inode)
-        if size is not None:
-            row.size = size
-        return row
+        return self._with_live_size(row)
 
     def _keeps_unlinked(self, inode: InodeId) -> bool:
         """Whether an unlinked inode's attributes still matter: it is open (fchmod, futimens
