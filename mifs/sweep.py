@@ -116,7 +116,7 @@ class OrphanSweeper:
     def _save_own_sessions(self, sessions: list[str]) -> None:
         tmp = self._sessions_file.with_name(self._sessions_file.name + ".tmp")
         tmp.write_text("".join(f"{s}\n" for s in sessions))
-        fdatasync_path(str(tmp))
+        fdatasync_path(tmp)
         os.replace(tmp, self._sessions_file)
 
     async def register(self) -> None:
@@ -127,7 +127,8 @@ class OrphanSweeper:
         await self._store.put(ObjectKey(f"{WRITERS_PREFIX}{self.session}"), WRITER_MARK)
         for old in stale:
             await self._store.purge(ObjectKey(f"{WRITERS_PREFIX}{old}"))
-        self._save_own_sessions([self.session])
+        if stale:
+            self._save_own_sessions([self.session])
         self._registered = True
 
     async def unregister(self) -> None:
@@ -231,7 +232,8 @@ class OrphanSweeper:
                         if len(self._candidates) < MAX_CANDIDATES:
                             self._candidates[key] = now
                     elif now - first >= self._grace:
-                        # Checked against the database just now, with no checkpoint since.
+                        # No row named it when its batch was checked, and keys are random and
+                        # never reused: no row can name it since (purges of this batch await).
                         await self._store.purge(key)
                         del self._candidates[key]
                         purged += 1

@@ -127,10 +127,11 @@ def test_no_sweep_while_another_host_mounts_the_archive(archive: Archive, tmp_pa
     (archive.store / orphan).write_bytes(b"sealed bytes of a lost upload")
 
     def stood_down(mp: Path, why: str) -> None:
-        status = wait_until(
-            lambda: (lambda st: st if why in str(st["last_orphan_sweep"]) else None)(archive.status_json(mp)),
-            30, f"the sweep of {mp} to stand down ({why})",
-        )
+        def standing_down() -> dict[str, object] | None:
+            status = archive.status_json(mp)
+            return status if why in str(status["last_orphan_sweep"]) else None
+
+        status = wait_until(standing_down, 30, f"the sweep of {mp} to stand down ({why})")
         assert status is not None and status["orphans_purged"] == 0
 
     for mp in (archive.mountpoint, failover_mp):
