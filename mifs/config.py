@@ -109,10 +109,10 @@ class MountConfig:
     sync_interval seconds (commits.py)."""
     sync_interval: float = 5.0
     orphan_sweep_interval: float = 86400.0
-    """Seconds between passes of the orphan sweep (sweep.py); 0: off."""
+    """Seconds between passes of the orphan sweep (sweep/service.py); 0: off."""
     orphan_grace: float = 3600.0
     """An object no metadata names is deleted only when found unnamed this long after it was
-    first found so (sweep.py)."""
+    first found so (sweep/service.py)."""
     xattrs: bool | None = None
     """Extended attributes on the mount. None: on if the archive already holds any, else off.
     Off, the kernel no longer asks for security.capability before every write(2), one FUSE

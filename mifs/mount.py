@@ -64,7 +64,8 @@ from mifs.opening import (
 from mifs.sdnotify import Notifier
 from mifs.shred.commands import ShredCommands
 from mifs.shred.service import Shredder
-from mifs.sweep import WRITER_SESSIONS_FILE, OrphanSweeper
+from mifs.sweep.commands import SweepCommands
+from mifs.sweep.service import WRITER_SESSIONS_FILE, OrphanSweeper
 from mifs.types import InodeId
 from mifs.uploader import Uploader
 from mifs.vfs.files import FileData
@@ -119,7 +120,8 @@ def tune_malloc() -> None:
 ADMIN_REQUESTS = {
     "umount": "umount", "pin": "cache pin", "unpin": "cache unpin", "prefetch": "cache prefetch",
     "reindex": "reindex", "audit-verify": "audit verify", "audit-query": "audit query",
-    "key-rotate": "key rotate", "shred": "shred", "undelete": "undelete",
+    "key-rotate": "key rotate", "shred": "shred", "undelete": "undelete", "sweep": "sweep",
+    "writers-rm": "writers rm",
 }
 """Control requests recorded in the audit trail as admin actions (with the requester's uid)."""
 
@@ -239,16 +241,19 @@ class Daemon:
         )
         self.sweeper = OrphanSweeper(
             self.db, archive.store, interval=cfg.orphan_sweep_interval, grace=cfg.orphan_grace,
-            read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason), sessions_file=cache_dir / WRITER_SESSIONS_FILE,
+            read_only=self.refuses_store_deletes, sessions_file=cache_dir / WRITER_SESSIONS_FILE,
         )
-        self.shred_commands = ShredCommands(
-            self.shredder, policy.retention_ns, read_only=lambda: bool(self.cfg.read_only or self.fs.failsafe_reason)
-        )
+        self.sweep_commands = SweepCommands(self.sweeper, self.refuses_store_deletes, cfg.orphan_grace)
+        self.shred_commands = ShredCommands(self.shredder, policy.retention_ns, read_only=self.refuses_store_deletes)
         self.finished = trio.Event()
         self.started = time.time()
         self.real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting: see raise_readahead
         self.notifier = Notifier()
         self._unmount_requested = False
+
+    def refuses_store_deletes(self) -> bool:
+        """Read-only or failsafe: the sweep, shred and writers rm must not touch the store."""
+        return bool(self.cfg.read_only or self.fs.failsafe_reason)
 
     def status(self) -> dict[str, Any]:
         counts = tables.counts(self.db)
@@ -448,7 +453,7 @@ class Daemon:
             socket_path(self.cfg.mountpoint), self.status, self.request_unmount, self.finished,
             handlers={
                 **self.study_commands.handlers(), **self.key_rotation.handlers(), **self.audit_commands.handlers(),
-                **self.shred_commands.handlers(),
+                **self.shred_commands.handlers(), **self.sweep_commands.handlers(),
             },
             on_request=self._on_control,
         )

@@ -1,13 +1,14 @@
 """End-to-end: the orphan sweep deletes store objects no metadata names, and nothing else.
 
 A crash between the upload of a chunk and the commit of the row naming it, or a power loss
-that undoes light commits, leaves such objects behind (mifs/sweep.py). Here they are planted
+that undoes light commits, leaves such objects behind (mifs/sweep/service.py). Here they are planted
 as copies of real chunk objects under fresh names, which is what those crashes leave: sealed
 bytes under a random key. The mounts run the sweep every second with a one-second grace.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from mifs_e2e import (
-    Archive, KiB, assert_bytes_equal, describe, nonzero_pattern, read_file, store_chunk_objects, wait_until, write_file,
+    Archive, KiB, assert_bytes_equal, assert_cli_error, describe, nonzero_pattern, read_file, store_chunk_objects,
+    wait_until, write_file,
 )
 from s3server import SeaweedS3
 from test_e2e_s3 import data_keys
@@ -166,3 +168,111 @@ def test_a_crashed_mount_registration_is_removed_by_the_next_mount(archive: Arch
                "the new mount to replace the crashed one's registration")
     archive.umount()
     assert writers(archive) == set()
+
+
+def plant_orphan(arc: Archive) -> str:
+    key = fresh_key()
+    (arc.store / key).parent.mkdir(parents=True, exist_ok=True)
+    (arc.store / key).write_bytes(b"sealed bytes of a lost upload")
+    return key
+
+
+@pytest.mark.expect_log(r"WARNING .*orphan sweep skipped: the store registers other writable mounts")
+def test_admin_runs_the_sweep_and_manages_writer_registrations(archive: Archive, tmp_path: Path) -> None:
+    """`mifs sweep` runs a pass now (scheduled passes off here), still honouring the grace
+    period and the registry; `mifs writers ls|rm` shows and removes registrations."""
+    config = tmp_path / "manual.toml"
+    config.write_text("[tuning]\norphan_sweep_interval = 0\norphan_grace = 1\n")
+    archive.mount(flags=["--config", config])
+    files = write_study(archive.mountpoint)
+    archive.wait_status(lambda s: s["pending_uploads"] == 0, 60, "the study to reach the store")
+    live = set(store_chunk_objects(archive.store))
+    orphan = plant_orphan(archive)
+
+    first = archive.run_cli("sweep", archive.mountpoint, "--json")
+    assert first.returncode == 0, describe(first)
+    assert json.loads(first.stdout) == {"purged": 0, "candidates": 1, "grace_seconds": 1.0}
+    assert (archive.store / orphan).exists(), "a first pass must only note an unnamed object"
+    time.sleep(1.2)
+    second = archive.run_cli("sweep", "-m", archive.mountpoint)
+    assert second.returncode == 0 and "orphan sweep: 1 unnamed store objects deleted" in second.stdout, describe(second)
+    assert not (archive.store / orphan).exists()
+    assert set(store_chunk_objects(archive.store)) == live
+    assert archive.status_json()["orphans_purged"] == 1
+
+    # The registry: this mount's registration, then a dead host's, planted.
+    listing = archive.run_cli("writers", "ls", archive.mountpoint, "--json")
+    assert listing.returncode == 0, describe(listing)
+    (own,) = json.loads(listing.stdout)
+    assert own["this_mount"] is True and writers(archive) == {own["session"]}
+    assert time.strptime(own["registered"], "%Y-%m-%dT%H:%M:%SZ")
+    assert json.loads((archive.store / "writers" / own["session"]).read_bytes())["mifs_writer"] == 1
+    dead = os.urandom(16).hex()
+    (archive.store / "writers" / dead).write_bytes(b'{"mifs_writer":1}')  # as an older mifs wrote it
+    human = archive.run_cli("writers", "ls", archive.mountpoint)
+    assert human.returncode == 0, describe(human)
+    rows = {line.split()[0]: line for line in human.stdout.splitlines()[1:]}
+    assert set(rows) == {own["session"], dead}
+    assert "this mount" in rows[own["session"]] and "(unknown)" in rows[dead] and "another" in rows[dead]
+
+    orphan = plant_orphan(archive)
+    refused = archive.run_cli("sweep", archive.mountpoint)
+    assert_cli_error(refused, 14)
+    assert f"other writable mounts are registered ({dead})" in refused.stderr and "mifs writers rm" in refused.stderr
+
+    assert_cli_error(archive.run_cli("writers", "rm", dead, "-m", archive.mountpoint), 2)  # stdin is not a terminal: --yes needed
+    assert dead in writers(archive)
+    unknown = os.urandom(16).hex()
+    for session, code in ((own["session"], 2), ("../keys/x", 2), (unknown, 9)):
+        assert_cli_error(archive.run_cli("writers", "rm", session, "-m", archive.mountpoint, "--yes"), code)
+    removed = archive.run_cli("writers", "rm", dead, "-m", archive.mountpoint, "--yes")
+    assert removed.returncode == 0 and dead in removed.stdout, describe(removed)
+    assert writers(archive) == {own["session"]}
+
+    for expected in ({"purged": 0, "candidates": 1, "grace_seconds": 1.0}, {"purged": 1, "candidates": 0, "grace_seconds": 1.0}):
+        time.sleep(1.2)
+        result = archive.run_cli("sweep", archive.mountpoint, "--json")
+        assert result.returncode == 0 and json.loads(result.stdout) == expected, describe(result)
+    assert set(store_chunk_objects(archive.store)) == live
+    verify(archive.mountpoint, files)
+    archive.umount()
+    assert writers(archive) == set()
+    trail = archive.run_cli("audit", "query", "--store", archive.store_url, "--key-file", archive.key_file, "--json")
+    assert trail.returncode == 0, describe(trail)
+    admin = [(r["action"], r.get("request")) for r in json.loads(trail.stdout) if r["ev"] == "admin"]
+    assert [a for a, _ in admin].count("sweep") == 5, admin  # refused requests are recorded too
+    assert [req for a, req in admin if a == "writers rm"] == [
+        {"session": s} for s in (own["session"], "../keys/x", unknown, dead)
+    ], admin
+
+
+def test_a_manual_pass_brings_the_scheduled_confirmation_forward(archive: Archive, tmp_path: Path) -> None:
+    """With daily passes, candidates a manual pass found are confirmed one grace period later
+    by the scheduled loop, not a day later."""
+    config = tmp_path / "daily.toml"
+    config.write_text("[tuning]\norphan_sweep_interval = 86400\norphan_grace = 1\n")
+    archive.mount(flags=["--config", config])
+    files = write_study(archive.mountpoint)
+    archive.wait_status(lambda s: s["pending_uploads"] == 0, 60, "the study to reach the store")
+    orphan = plant_orphan(archive)
+    first = archive.run_cli("sweep", archive.mountpoint)
+    assert first.returncode == 0 and "1 unnamed objects found" in first.stdout, describe(first)
+    status = archive.wait_status(lambda s: s["orphans_purged"] >= 1, 30, "the scheduled pass to confirm the candidate")
+    assert status["orphans_purged"] == 1 and status["orphan_sweeps"] == 2
+    assert not (archive.store / orphan).exists()
+    verify(archive.mountpoint, files)
+
+
+def test_a_read_only_mount_refuses_sweep_and_writers_rm(archive: Archive) -> None:
+    archive.mount()
+    write_study(archive.mountpoint)
+    archive.umount()
+    archive.mount(flags=["--read-only"])
+    orphan = plant_orphan(archive)
+    for args in (("sweep",), ("writers", "rm", os.urandom(16).hex(), "--yes")):
+        result = archive.run_cli(*args, "-m", archive.mountpoint)
+        assert_cli_error(result, 14)
+        assert "read-only" in result.stderr
+    assert (archive.store / orphan).exists()
+    listing = archive.run_cli("writers", "ls", archive.mountpoint, "--json")
+    assert listing.returncode == 0 and json.loads(listing.stdout) == [], describe(listing)

@@ -1,4 +1,4 @@
-"""The orphan sweep (mifs/sweep.py) against a real metadata database and local directory store.
+"""The orphan sweep (mifs/sweep/service.py) against a real metadata database and local directory store.
 
 What a pass may delete is decided by the database alone, so these tests build the database
 rows and store objects directly and run passes one at a time (sweep_once); the end-to-end
@@ -17,7 +17,7 @@ import trio
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
 from mifs.store.localdir import LocalDirStore
-from mifs.sweep import WRITER_SESSIONS_FILE, OrphanSweeper
+from mifs.sweep.service import WRITER_SESSIONS_FILE, OrphanSweeper
 from mifs.types import InodeId, ObjectKey
 
 KEY = bytes(range(32))

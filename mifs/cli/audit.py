@@ -34,7 +34,7 @@ from mifs.types import ArchiveId
 
 def add_parsers(sub: Any, add_store_flags: Any) -> None:
     audit = sub.add_parser("audit", help="the access audit trail: verify, query")
-    asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=type(audit))
+    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True, parser_class=type(audit))
     p = asub.add_parser("verify", help="check that no record or segment was modified, deleted, reordered or truncated")
     _source_flags(p, add_store_flags)
     p.add_argument("--json", action="store_true")

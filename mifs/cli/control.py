@@ -6,6 +6,7 @@ Every way the daemon can fail to answer becomes one UserError line with the righ
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,6 +33,23 @@ def only_live_mount(otherwise: str = "mount one or name its mount point") -> Pat
 def named_or_only_mount(given: Path | None, otherwise: str = "mount one or name its mount point") -> Path:
     """The mount point the admin named, else the only live one."""
     return Path(given).absolute() if given is not None else only_live_mount(otherwise)
+
+
+def add_mountpoint_arg(p: argparse.ArgumentParser, *, positional: bool) -> None:
+    """The mount a command means: a positional MOUNTPOINT (-m also accepted) for commands
+    whose only argument it is, else -m/--mountpoint (after a positional such as a study UID,
+    argparse cannot tell an optional positional apart)."""
+    if positional:
+        p.add_argument("mountpoint", nargs="?", type=Path, help="the mount (default: the only live mifs mount)")
+        p.add_argument("-m", "--mountpoint", dest="mountpoint_flag", type=Path, help=argparse.SUPPRESS)
+    else:
+        p.add_argument("-m", "--mountpoint", dest="mountpoint_flag", type=Path, help="the mount (default: the only live mifs mount)")
+
+
+def mountpoint_of(args: argparse.Namespace) -> Path:
+    """The mount add_mountpoint_arg's arguments name, else the only live one."""
+    given = getattr(args, "mountpoint", None) or getattr(args, "mountpoint_flag", None)
+    return named_or_only_mount(given)
 
 
 def replies(mountpoint: Path, message: dict[str, Any], *, timeout: float | None = None, not_mifs: str = "") -> Iterator[dict[str, Any]]:

@@ -129,7 +129,7 @@ def mount_key_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_parsers(sub: Any, add_store_flags: Any) -> None:
     key = sub.add_parser("key", help="master key rotation and status")
-    key_sub = key.add_subparsers(dest="key_command", required=True, parser_class=type(key))
+    key_sub = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True, parser_class=type(key))
 
     p = key_sub.add_parser("rotate", help="re-wrap every data key under a new master key, online")
     p.add_argument("mountpoint", nargs="?", type=Path, help="the mount (default: the only live mifs mount)")

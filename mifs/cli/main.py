@@ -22,6 +22,7 @@ from mifs.cli import audit as audit_commands
 from mifs.cli import keys as key_commands
 from mifs.cli import shred as shred_commands
 from mifs.cli import studies as study_commands
+from mifs.cli import sweep as sweep_commands
 from mifs.config import (
     DEFAULT_CACHE_SIZE,
     KNOWN_FUSE_OPTIONS,
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands.add_parsers(sub, _add_store_flags)
     audit_commands.add_parsers(sub, _add_store_flags)
     shred_commands.add_parsers(sub)
+    sweep_commands.add_parsers(sub)
     return parser
 
 
@@ -452,6 +454,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 COMMANDS = {
     "audit": cmd_audit, "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
     **study_commands.COMMANDS, **key_commands.COMMANDS, **shred_commands.COMMANDS,
+    **sweep_commands.COMMANDS,
 }
 
 

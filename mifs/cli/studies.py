@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from mifs.cli.control import ask, named_or_only_mount
+from mifs.cli.control import add_mountpoint_arg, ask, mountpoint_of
 from mifs.config import format_size
 from mifs.errors import UserError
 from mifs.opening import EXIT_USAGE
@@ -20,7 +19,7 @@ from mifs.opening import EXIT_USAGE
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("studies", help="list the DICOM studies of a mounted archive")
-    _add_mountpoint(p, positional=True)
+    add_mountpoint_arg(p, positional=True)
     p.add_argument("--patient", metavar="ID", help="only this Patient ID")
     p.add_argument("--study", metavar="UID", help="only this Study Instance UID")
     p.add_argument("--since", metavar="DATE", help="only studies on or after DATE (YYYY-MM-DD)")
@@ -31,35 +30,22 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
 
     cache = sub.add_parser("cache", help="what the local cache holds: ls, pin, unpin, prefetch")
-    csub = cache.add_subparsers(dest="cache_command", required=True, parser_class=type(cache))
+    csub = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True, parser_class=type(cache))
     p = csub.add_parser("ls", help="studies with data in the cache, and pinned studies")
-    _add_mountpoint(p, positional=True)
+    add_mountpoint_arg(p, positional=True)
     p.add_argument("--json", action="store_true")
     for name, text in (("pin", "keep a study in the cache (fetching it now); never evicted"), ("unpin", "let a pinned study be evicted again")):
         p = csub.add_parser(name, help=text)
         p.add_argument("study", metavar="STUDY_UID")
-        _add_mountpoint(p, positional=False)
+        add_mountpoint_arg(p, positional=False)
     p = csub.add_parser("prefetch", help="fetch a study, or every study of a patient, into the cache")
     p.add_argument("study", metavar="STUDY_UID", nargs="?")
     p.add_argument("--patient", metavar="ID")
     p.add_argument("--no-wait", action="store_true", help="queue the prefetch and return")
-    _add_mountpoint(p, positional=False)
+    add_mountpoint_arg(p, positional=False)
 
     p = sub.add_parser("reindex", help="rebuild the study index from the files themselves")
-    _add_mountpoint(p, positional=True)
-
-
-def _add_mountpoint(p: argparse.ArgumentParser, *, positional: bool) -> None:
-    if positional:
-        p.add_argument("mountpoint", nargs="?", type=Path, help="the mount (default: the only live mifs mount)")
-        p.add_argument("-m", "--mountpoint", dest="mountpoint_flag", type=Path, help=argparse.SUPPRESS)
-    else:
-        p.add_argument("-m", "--mountpoint", dest="mountpoint_flag", type=Path, help="the mount (default: the only live mifs mount)")
-
-
-def _mountpoint(args: argparse.Namespace) -> Path:
-    given = getattr(args, "mountpoint", None) or getattr(args, "mountpoint_flag", None)
-    return named_or_only_mount(given)
+    add_mountpoint_arg(p, positional=True)
 
 
 
@@ -73,7 +59,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
         "op": "studies", "mode": mode, "patient": args.patient, "study": args.study, "since": args.since,
         "modality": args.modality,
     }
-    reply = ask(_mountpoint(args), message)
+    reply = ask(mountpoint_of(args), message)
     items: list[dict[str, Any]] = reply.get("items", [])
     if args.json:
         print(json.dumps(items, indent=2))
@@ -122,7 +108,7 @@ def _table(items: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    mountpoint = _mountpoint(args)
+    mountpoint = mountpoint_of(args)
     command = args.cache_command
     if command == "ls":
         items = ask(mountpoint, {"op": "cache-ls"}).get("items", [])
@@ -172,7 +158,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         files, left = int(p.get("files") or 0), int(p.get("left") or 0)
         print(f"mifs: reindexing: {files - left}/{files} files", file=sys.stderr)
 
-    reply = ask(_mountpoint(args), {"op": "reindex"}, on_progress=progress)
+    reply = ask(mountpoint_of(args), {"op": "reindex"}, on_progress=progress)
     print(
         f"reindexed {reply.get('files')} files: {reply.get('instances')} DICOM instances in {reply.get('studies')} studies, "
         f"{reply.get('malformed')} malformed, {reply.get('other')} other"

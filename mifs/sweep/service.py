@@ -26,12 +26,17 @@ It refuses to run when another database may name chunks this one does not know:
   What remains belongs to another host, alive or crashed: two hosts writing one archive is
   not supported, but a returning primary next to its failover host must not delete the
   chunks the other's database names. Once the other host is gone for good, deleting its
-  registration from the store lets the sweep run again.
+  registration from the store lets the sweep run again (`mifs writers rm`).
+
+Admins see the registry with `mifs writers ls`, remove a dead host's registration with
+`mifs writers rm`, and start a pass at once with `mifs sweep` (commands.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -42,7 +47,7 @@ from typing import Callable
 
 import trio
 
-from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.localfs import fdatasync_path
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
@@ -64,12 +69,44 @@ CHECK_BATCH = 500
 WRITERS_PREFIX = "writers/"
 """One object per registered writable mount, named by its random session id (docs/FORMAT.md
 section 2)."""
-WRITER_MARK = b'{"mifs_writer":1}'
+REGISTRATION_FORMAT = 1
+"""`{"mifs_writer": 1, "registered": "<UTC time>"}`: no host name, nothing about the archive."""
 REGISTER_RETRY = 30.0
 REGISTER_AT_START = 10.0
 WRITER_SESSIONS_FILE = "writer-sessions"
 """In the cache dir: the sessions it registered (docs/FORMAT.md section 8)."""
 _SESSION_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def is_session_id(text: str) -> bool:
+    return _SESSION_RE.fullmatch(text) is not None
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One writable mount registered in the store."""
+
+    session: str
+    registered: str | None
+    """UTC time it registered (None: unreadable, or written by an older mifs)."""
+    this_mount: bool
+
+
+class RegistrationRefused(Exception):
+    """A registration cannot be removed (this mount's own, or not a session id)."""
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What one pass did: `skipped` says why it did not look at the store's objects."""
+
+    purged: int
+    candidates: int
+    skipped: str | None
 
 
 @dataclass
@@ -102,6 +139,10 @@ class OrphanSweeper:
         self.session = secrets.token_hex(16)
         self._sessions_file = sessions_file
         self._registered = False
+        self._pass_lock = trio.Lock()  # a pass asked for by the admin never runs beside the scheduled one
+        self._next_pass = math.inf  # trio clock: when the scheduled loop runs its next pass
+        self._waiting: trio.CancelScope | None = None
+        self._skipped: str | None = None  # why the last pass did not look at the objects
 
     # --- the writer registry --------------------------------------------------------------------
 
@@ -124,7 +165,8 @@ class OrphanSweeper:
         stale = [old for old in self._own_sessions() if old != self.session]  # ours: an interrupted try
         # Recorded before the object exists: a crash in between leaves nothing unaccounted for.
         self._save_own_sessions([*stale, self.session])
-        await self._store.put(ObjectKey(f"{WRITERS_PREFIX}{self.session}"), WRITER_MARK)
+        mark = {"mifs_writer": REGISTRATION_FORMAT, "registered": _utc_now()}
+        await self._store.put(ObjectKey(f"{WRITERS_PREFIX}{self.session}"), json.dumps(mark).encode())
         for old in stale:
             await self._store.purge(ObjectKey(f"{WRITERS_PREFIX}{old}"))
         if stale:
@@ -162,6 +204,37 @@ class OrphanSweeper:
         keys = await self._store.list(WRITERS_PREFIX)
         return sorted(k for k in keys if k != f"{WRITERS_PREFIX}{self.session}")
 
+    async def registrations(self) -> list[Registration]:
+        """Every registered writable mount, this one included."""
+        found = []
+        for key in await self._store.list(WRITERS_PREFIX):
+            session = key[len(WRITERS_PREFIX):]
+            found.append(Registration(session, await self._registered_at(key), session == self.session))
+        return sorted(found, key=lambda r: (r.registered or "", r.session))
+
+    async def _registered_at(self, key: ObjectKey) -> str | None:
+        try:
+            doc = json.loads(await self._store.get(key))
+        except (ObjectNotFound, ValueError, UnicodeDecodeError):
+            return None  # gone meanwhile, or not ours to read
+        when = doc.get("registered") if isinstance(doc, dict) else None
+        return when if isinstance(when, str) else None
+
+    async def remove_registration(self, session: str) -> bool:
+        """Delete another mount's registration (every version); False if there was none.
+        For a host that will never write this archive again: while it still does, the sweep
+        here could delete the chunks only its database names."""
+        if not is_session_id(session):
+            raise RegistrationRefused(f"{session!r} is not a writer session id (32 hex digits, see `mifs writers ls`)")
+        if session == self.session:
+            raise RegistrationRefused("that is this mount's own registration; it goes at unmount")
+        key = ObjectKey(f"{WRITERS_PREFIX}{session}")
+        if not await self._store.exists(key):
+            return False
+        await self._store.purge(key)
+        log.info("removed the writer registration %s from the store, as asked", session)
+        return True
+
     def statistics(self) -> dict[str, object]:
         self.stats.orphan_candidates = len(self._candidates)
         return dict(vars(self.stats))
@@ -177,38 +250,74 @@ class OrphanSweeper:
             await self._try_register()
         if self._interval <= 0:
             return
-        await trio.sleep(min(self._first_delay, self._interval))
+        self._schedule(min(self._first_delay, self._interval))
         while True:
+            await self._sleep_until_next_pass()
             try:
                 await self.sweep_once()
             except (StoreUnavailable, StorePermissionDenied) as exc:
                 self.stats.last_orphan_sweep = f"failed: {exc}"
                 log.warning("orphan sweep failed, trying again later: %s", exc)
-            # Candidates are confirmed by the first pass after their grace period.
-            wait = self._interval if not self._candidates else max(1.0, min(self._interval, self._grace))
-            await trio.sleep(wait)
+            self._next_pass = math.inf
+            self._schedule(self._interval)
+
+    def _schedule(self, delay: float) -> None:
+        """Move the scheduled pass to at most `delay` seconds from now (candidates found by a
+        pass are confirmed by the first pass after their grace period, not a day later)."""
+        if self._interval <= 0:
+            return
+        if self._candidates:
+            delay = min(delay, max(1.0, self._grace))
+        self._next_pass = min(self._next_pass, trio.current_time() + delay)
+        if self._waiting is not None:
+            self._waiting.deadline = self._next_pass
+
+    async def _sleep_until_next_pass(self) -> None:
+        while trio.current_time() < self._next_pass:
+            with trio.CancelScope(deadline=self._next_pass) as self._waiting:
+                await trio.sleep_forever()
+            self._waiting = None
+
+    async def sweep_now(self) -> SweepOutcome:
+        """One pass at once (the admin asked); the scheduled passes go on as before."""
+        async with self._pass_lock:
+            purged = await self._sweep_once()
+            outcome = SweepOutcome(purged, len(self._candidates), self._skipped)
+        self._schedule(self._interval)
+        return outcome
 
     async def sweep_once(self) -> int:
         """One pass over the store; the number of objects deleted."""
+        async with self._pass_lock:
+            return await self._sweep_once()
+
+    def _skip(self, reason: str) -> int:
+        self._skipped = reason
+        self.stats.last_orphan_sweep = f"skipped: {reason}"
+        return 0
+
+    async def _sweep_once(self) -> int:
+        self._skipped = None
         if self._read_only():
-            self.stats.last_orphan_sweep = "skipped: the mount is read-only"
-            return 0
+            return self._skip("the mount is read-only")
         if not self._registered:
-            self.stats.last_orphan_sweep = "skipped: this mount is not registered as a writer yet"
-            return 0
+            return self._skip("this mount is not registered as a writer yet")
         others = await self.other_writers()
         if others:
-            self.stats.last_orphan_sweep = f"skipped: other writable mounts are registered ({', '.join(others)})"
+            sessions = ", ".join(k[len(WRITERS_PREFIX):] for k in others)
+            self._skip(
+                f"other writable mounts are registered ({sessions}); if such a host is gone for good: mifs writers rm SESSION"
+            )
             log.warning(
                 "orphan sweep skipped: the store registers other writable mounts of this archive (%s): another host "
                 "has it mounted, or crashed and never mounted it again. Mount each archive from one host at a time; "
-                "once that host is gone for good, delete its registration from the store", ", ".join(others),
+                "once that host is gone for good, remove its registration (mifs writers rm)", ", ".join(others),
             )
             self._candidates.clear()
             return 0
         newest = await newest_store_seq(self._store)
         if newest > self._db.commit_seq:
-            self.stats.last_orphan_sweep = "skipped: the store's metadata is newer than the local database"
+            self._skip("the store's metadata is newer than the local database")
             log.warning(
                 "orphan sweep skipped: the store holds metadata up to commit %d, the local database only %d "
                 "(a cache disk restored from an old copy?)", newest, self._db.commit_seq,
@@ -243,7 +352,7 @@ class OrphanSweeper:
         for key in [k for k in self._candidates if k not in seen]:
             del self._candidates[key]
         self.stats.orphan_sweeps += 1
-        self.stats.last_orphan_sweep = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.stats.last_orphan_sweep = _utc_now()
         if purged or self._candidates:
             log.info(
                 "orphan sweep: deleted %d unnamed objects from the store; %d more wait for their grace period",

@@ -1,0 +1,1 @@
+"""The orphan sweep and the writer registry (service) and their control commands."""
