@@ -51,6 +51,11 @@ class MifsCli:
     def mount_supports(self, flag: str) -> bool:
         return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", self.mount_help) is not None
 
+    @cached_property
+    def has_sync(self) -> bool:
+        """Whether this mifs has `mifs sync` (older ones: poll `mifs status` instead)."""
+        return bool(self.run("sync", "--help", timeout=60).returncode == 0)
+
     def version(self) -> str:
         result = self.run("--version", timeout=60)
         return str(result.stdout).strip() if result.returncode == 0 else "unknown"
@@ -115,6 +120,12 @@ class MifsArchive:
         if not isinstance(value, dict):
             raise BenchError("`mifs status --json` printed no object")
         return value
+
+    def sync(self) -> None:
+        """`mifs sync MOUNTPOINT`: returns once every file closed so far is in the store."""
+        result = self.cli.run("sync", self.mountpoint, "--quiet")
+        if result.returncode != 0:
+            raise self._fail("sync", result)
 
     def offline_status(self) -> dict[str, Any]:
         """`mifs status STORE --json` with this cache dir, while unmounted."""

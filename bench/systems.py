@@ -116,9 +116,13 @@ class MifsSystem(FsSystem):
         return archive.mountpoint
 
     def wait_durable(self) -> None:
-        """Until `mifs status` shows no upload pending (every sealed chunk is in S3)."""
+        """`mifs sync`: every closed file's chunks and the metadata naming them are in S3. An
+        older mifs: until `mifs status` shows no upload pending (a process per poll)."""
         archive = self.current
         assert archive is not None
+        if archive.cli.has_sync:
+            archive.sync()
+            return
         wait_until(lambda: archive.status().get("pending_uploads") == 0, 900, "mifs's uploads to finish", 0.02)
 
     def finish_ingest(self) -> tuple[float, ProcSample | None, dict[str, Any]]:

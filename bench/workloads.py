@@ -540,7 +540,8 @@ class Drain(WriteWorkload):
     name = "drain"
     description = (
         "time until everything written is in the store: the study ingested as in study-ingest, "
-        "then waited for until the system reports nothing pending (mifs: `mifs status` "
+        "then waited for until the system reports nothing pending (mifs: `mifs sync`, which returns "
+        "once the chunks and the metadata naming them are in the store; a mifs without it: `mifs status` "
         "pending_uploads 0, polled; rclone: `vfs/stats` no upload queued or in flight; s3fs: "
         "writes are synchronous; local systems: sync), then unmounted. *in store s* = first "
         "write until nothing pending; raw boto3: 8 threads PUT the same bytes. Cost per study: "

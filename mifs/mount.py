@@ -64,6 +64,7 @@ from mifs.opening import (
 from mifs.sdnotify import Notifier
 from mifs.shred.commands import ShredCommands
 from mifs.shred.service import Shredder
+from mifs.store_sync import StoreSync
 from mifs.sweep.commands import SweepCommands
 from mifs.sweep.service import WRITER_SESSIONS_FILE, OrphanSweeper
 from mifs.types import InodeId
@@ -244,6 +245,7 @@ class Daemon:
             read_only=self.refuses_store_deletes, sessions_file=cache_dir / WRITER_SESSIONS_FILE,
         )
         self.sweep_commands = SweepCommands(self.sweeper, self.refuses_store_deletes, cfg.orphan_grace)
+        self.store_sync = StoreSync(self.committer, self.uploader, self.replicator, read_only=lambda: cfg.read_only)
         self.shred_commands = ShredCommands(self.shredder, policy.retention_ns, read_only=self.refuses_store_deletes)
         self.finished = trio.Event()
         self.started = time.time()
@@ -454,6 +456,7 @@ class Daemon:
             handlers={
                 **self.study_commands.handlers(), **self.key_rotation.handlers(), **self.audit_commands.handlers(),
                 **self.shred_commands.handlers(), **self.sweep_commands.handlers(),
+                **self.store_sync.handlers(),
             },
             on_request=self._on_control,
         )

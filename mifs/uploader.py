@@ -145,6 +145,27 @@ class Uploader:
         while self.busy():
             await trio.sleep(0.02)
 
+    def pending_keys(self) -> set[ObjectKey]:
+        """The chunks waiting for or in upload now."""
+        return {*self._queued, *self._in_flight}
+
+    def still_pending(self, keys: set[ObjectKey]) -> tuple[int, int]:
+        """How many of `keys` are still waiting for or in upload, and their bytes."""
+        count = size = 0
+        for key in keys:
+            entry = self._queued.get(key) or self._in_flight.get(key)
+            if entry is not None:
+                count += 1
+                size += entry[0]
+        return count, size
+
+    def expedite(self, keys: set[ObjectKey]) -> None:
+        """Let these queued chunks skip the upload delay (`mifs sync` waits for them)."""
+        for key in keys:
+            if key in self._ready_at:
+                self._ready_at[key] = -math.inf
+        self._wakeup.set()
+
     async def wait_uploaded(self, keys: set[ObjectKey]) -> None:
         """Return once none of `keys` is waiting for or in upload (--sync-uploads)."""
         while any(k in self._queued or k in self._in_flight for k in keys):

@@ -146,3 +146,27 @@ async def test_a_cache_filling_with_staged_data_uploads_at_once(rig_factory: Cal
         rig.stage(size=2000)  # 30 %: over STAGED_SHARE_NO_DELAY, the clock still stands still
         await wait_uploaded(rig, 2)
         nursery.cancel_scope.cancel()
+
+
+async def test_expedited_chunks_skip_the_delay_while_writing_goes_on(
+    rig_factory: Callable[..., Rig], mock_clock: trio.testing.MockClock
+) -> None:
+    """`mifs sync`: the chunks queued when it starts go at once, although the mount keeps
+    writing; what is staged after them still yields to the writer."""
+    rig = rig_factory(600.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.uploader.run)
+        for _ in range(3):
+            rig.stage()
+            mock_clock.jump(0.1)
+            await settle()
+        assert rig.uploaded() == 0
+        wanted = rig.uploader.pending_keys()
+        assert wanted == set(rig.staged) and rig.uploader.still_pending(wanted) == (3, 3000)
+        rig.uploader.expedite(wanted)
+        rig.stage()  # writing goes on: a fresh chunk behind them, the clock standing still
+        await wait_uploaded(rig, 3)
+        await settle()
+        assert rig.in_store() == wanted and rig.uploader.still_pending(wanted) == (0, 0)
+        assert rig.uploader.pending_keys() == {rig.staged[-1]}, "the chunk staged after the sync must still wait"
+        nursery.cancel_scope.cancel()

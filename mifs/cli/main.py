@@ -23,6 +23,7 @@ from mifs.cli import keys as key_commands
 from mifs.cli import shred as shred_commands
 from mifs.cli import studies as study_commands
 from mifs.cli import sweep as sweep_commands
+from mifs.cli import sync as sync_commands
 from mifs.config import (
     DEFAULT_CACHE_SIZE,
     KNOWN_FUSE_OPTIONS,
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands.add_parsers(sub, _add_store_flags)
     shred_commands.add_parsers(sub)
     sweep_commands.add_parsers(sub)
+    sync_commands.add_parsers(sub)
     return parser
 
 
@@ -454,7 +456,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 COMMANDS = {
     "audit": cmd_audit, "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
     **study_commands.COMMANDS, **key_commands.COMMANDS, **shred_commands.COMMANDS,
-    **sweep_commands.COMMANDS,
+    **sweep_commands.COMMANDS, **sync_commands.COMMANDS,
 }
 
 
