@@ -40,12 +40,8 @@ from mifs.keyrotation import KeyRotation
 from mifs.metadb import studies, tables
 from mifs.metasync import MetadataReplicator
 from mifs.mounttable import raise_readahead, run_fusermount
+from mifs.exit_codes import EXIT_ARCHIVE, EXIT_DAEMON, EXIT_INTERNAL, EXIT_MOUNTPOINT, EXIT_USAGE
 from mifs.opening import (
-    EXIT_ARCHIVE,
-    EXIT_DAEMON,
-    EXIT_INTERNAL,
-    EXIT_MOUNTPOINT,
-    EXIT_USAGE,
     LOG_FILE,
     OpenedArchive,
     check_cache_not_behind_store,

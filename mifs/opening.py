@@ -1,4 +1,4 @@
-"""Opening an archive, shared by the CLI and the daemon: exit codes, the key source of a
+"""Opening an archive, shared by the CLI and the daemon: the key source of a
 configuration, default paths, the store options, the descriptor and key ring, the cache dir
 and its metadata database (restored from the store when the cache dir is new), and the checks
 before a mount.
@@ -20,6 +20,18 @@ from mifs.archive import Descriptor, load_descriptor
 from mifs.config import MountConfig
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource
+from mifs.exit_codes import (
+    EXIT_ARCHIVE,
+    EXIT_FUSE,
+    EXIT_INTERNAL,
+    EXIT_KEY,
+    EXIT_KEY_RETIRED,
+    EXIT_KEY_UNAVAILABLE,
+    EXIT_MOUNTPOINT,
+    EXIT_ROTATION,
+    EXIT_STORE,
+    EXIT_USAGE,
+)
 from mifs.errors import (
     ArchiveCorrupt,
     ArchiveExists,
@@ -42,20 +54,6 @@ from mifs.store.url import StoreLocation, StoreOptions, open_store, parse_store_
 
 log = logging.getLogger(__name__)
 
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_STORE = 3
-EXIT_KEY = 4
-EXIT_ARCHIVE = 5
-EXIT_MOUNTPOINT = 6
-EXIT_FUSE = 7
-EXIT_DAEMON = 8
-EXIT_NOT_FOUND = 9
-EXIT_KEY_UNAVAILABLE = 10
-EXIT_KEY_RETIRED = 11
-EXIT_ROTATION = 12
-EXIT_AUDIT = 13
-EXIT_REFUSED = 14
 
 LOG_FILE = "mifs.log"
 DB_FILE = "meta.db"

@@ -14,22 +14,22 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
-
-from mifs.audit import verify
-from mifs.audit.commands import query_from_request
-from mifs.audit.spool import SPOOL_DIR, Spool
-from mifs.audit.trail import Actor, AuditError, load_audit_keys, open_trail
 from mifs.cli.control import ask, named_or_only_mount
 from mifs.cli.keys import add_key_flags, key_source_from_args
-from mifs.crypto.keyring import KeyRing, MasterKey
-from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable, UserError
-from mifs.opening import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_USAGE, default_cache_dir, open_archive
-from mifs.store.base import ObjectStore
-from mifs.store.url import StoreOptions
-from mifs.types import ArchiveId
+from mifs.errors import UserError
+from mifs.exit_codes import EXIT_ARCHIVE, EXIT_AUDIT, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from mifs.audit import verify
+    from mifs.crypto.keyring import MasterKey
+    from mifs.store.base import ObjectStore
+    from mifs.store.url import StoreOptions
+    from mifs.types import ArchiveId
+
+# Reading the trail (trio, the store, the crypto stack) is imported where it is done: asking a
+# live mount needs none of it (see cli/main.py).
 
 
 def add_parsers(sub: Any, add_store_flags: Any) -> None:
@@ -62,6 +62,14 @@ def _mount(args: argparse.Namespace) -> Path:
 
 
 def _offline(args: argparse.Namespace, store_options: StoreOptions, query: verify.Query | None) -> dict[str, Any]:
+    import trio
+
+    from mifs.audit import verify
+    from mifs.audit.spool import SPOOL_DIR, Spool
+    from mifs.audit.trail import AuditError, load_audit_keys
+    from mifs.errors import ObjectNotFound
+    from mifs.opening import default_cache_dir, open_archive
+
     async def run() -> dict[str, Any]:
         archive = await open_archive(args.store, key_source_from_args(args), options=store_options)
         assert archive.keyring is not None
@@ -133,6 +141,8 @@ def cmd_query(args: argparse.Namespace, store_options: StoreOptions) -> int:
     message = {"op": "audit-query", "patient": args.patient, "study": args.study, "uid": args.uid,
                "since": args.since, "until": args.until}
     message = {k: v for k, v in message.items() if v is not None}
+    from mifs.audit.commands import query_from_request
+
     try:
         query = query_from_request(message)
     except ValueError as exc:
@@ -158,6 +168,11 @@ async def record_init(store: ObjectStore, kek: MasterKey, archive_id: ArchiveId,
     """Open the new archive's audit trail with its first record, `init` by this process's
     user, and store it at once (a short-lived spool in a temporary directory: the mount's
     cache dir is not known yet). False if the record could not be stored."""
+    from mifs.audit.spool import SPOOL_DIR, Spool
+    from mifs.audit.trail import Actor, AuditError, open_trail
+    from mifs.crypto.keyring import KeyRing
+    from mifs.errors import StorePermissionDenied, StoreUnavailable
+
     with tempfile.TemporaryDirectory(prefix="mifs-init-audit-") as tmp:
         spool = Spool(Path(tmp) / SPOOL_DIR)
         try:

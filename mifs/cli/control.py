@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.errors import UserError
 from mifs.mounttable import live_mifs_mounts, mount_fstype
-from mifs.opening import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
+from mifs.exit_codes import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
 
 _KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED}
 """Exit codes of the error kinds a daemon's reply names (control_server)."""

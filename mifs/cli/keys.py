@@ -11,36 +11,19 @@ import getpass
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from mifs.cli.control import named_or_only_mount, only_live_mount, replies
-from mifs.crypto.keyring import MasterKey, write_key_file
-from mifs.crypto.keysource import (
-    KIND_CREDENTIAL,
-    KIND_ENV,
-    KIND_FILE,
-    KIND_KMS,
-    KIND_PASSPHRASE,
-    KeySource,
-    check_new_passphrase,
-)
 from mifs.errors import KeyFileError, UserError
-from mifs.keyrotation import key_status
-from mifs.keystore import read_rotation
 from mifs.mounttable import mount_fstype
-from mifs.opening import (
-    EXIT_DAEMON,
-    EXIT_KEY,
-    EXIT_ROTATION,
-    EXIT_USAGE,
-    default_cache_dir,
-    open_archive,
-    open_cache_db,
-    translate,
-)
-from mifs.store.url import StoreOptions
+from mifs.exit_codes import EXIT_DAEMON, EXIT_KEY, EXIT_ROTATION, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from mifs.crypto.keysource import KeySource
+
+# What opening an archive or a key source needs (trio, the crypto stack, boto3) is imported
+# by the functions that do it: `mifs key rotate`, `status` of a live mount and the other
+# commands that only ask a daemon start without it.
 
 ROTATION_IN_DAEMON = " (key rotation runs in the daemon of a live mount)"
 
@@ -72,6 +55,10 @@ def prompt_passphrase(confirm: bool) -> bytes:
 
 def key_source_from_args(args: argparse.Namespace, *, new: bool = False) -> KeySource | None:
     """The one key source the flags name, or None; new: a passphrase is being chosen."""
+    from mifs.crypto.keysource import (
+        KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource, check_new_passphrase,
+    )
+
     chosen = [
         flag for flag, value in (
             ("--key-file", args.key_file), ("--key-credential", args.key_credential), ("--key-env", args.key_env),
@@ -105,6 +92,8 @@ def key_source_from_args(args: argparse.Namespace, *, new: bool = False) -> KeyS
 
 def mount_key_values(args: argparse.Namespace) -> dict[str, Any]:
     """MountConfig values of the key flags given (any one replaces every key source of --config)."""
+    from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_ENV, KIND_FILE, KIND_PASSPHRASE
+
     source = key_source_from_args(args)
     if source is None:
         return {}
@@ -155,6 +144,9 @@ def add_parsers(sub: Any, add_store_flags: Any) -> None:
 
 
 def _new_source(args: argparse.Namespace) -> KeySource | None:
+    from mifs.crypto.keyring import MasterKey, write_key_file
+    from mifs.crypto.keysource import KIND_CREDENTIAL, KIND_FILE, KIND_KMS, KIND_PASSPHRASE, KeySource
+
     chosen = [
         flag for flag, value in (
             ("--new-key-file", args.new_key_file), ("--new-key-credential", args.new_key_credential),
@@ -227,6 +219,13 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
 
 
 def _offline_key_status(args: argparse.Namespace) -> dict[str, Any]:
+    import trio
+
+    from mifs.keyrotation import key_status
+    from mifs.keystore import read_rotation
+    from mifs.opening import default_cache_dir, open_archive, open_cache_db, translate
+    from mifs.store.url import StoreOptions
+
     options = StoreOptions(
         endpoint_url=args.endpoint_url, region=args.region, addressing_style=args.addressing_style or "auto",
         ca_bundle=args.ca_bundle.absolute() if args.ca_bundle else None, profile=args.profile,

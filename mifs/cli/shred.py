@@ -17,7 +17,7 @@ from mifs.cli.control import ask, named_or_only_mount
 from mifs.config import format_size
 from mifs.errors import UserError
 from mifs.mounttable import live_mifs_mounts
-from mifs.opening import EXIT_REFUSED, EXIT_USAGE
+from mifs.exit_codes import EXIT_REFUSED, EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from mifs.cli.control import add_mountpoint_arg, ask, mountpoint_of
 from mifs.config import format_size
 from mifs.errors import UserError
-from mifs.opening import EXIT_USAGE
+from mifs.exit_codes import EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:

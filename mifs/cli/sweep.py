@@ -13,7 +13,7 @@ from typing import Any
 
 from mifs.cli.control import add_mountpoint_arg, ask, mountpoint_of
 from mifs.errors import UserError
-from mifs.opening import EXIT_REFUSED, EXIT_USAGE
+from mifs.exit_codes import EXIT_REFUSED, EXIT_USAGE
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("sweep", help="run one pass of the orphan sweep now (store objects no metadata names)")

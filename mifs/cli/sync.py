@@ -15,7 +15,7 @@ from typing import Any
 from mifs.cli.control import add_mountpoint_arg, mountpoint_of, replies
 from mifs.config import format_size
 from mifs.errors import UserError
-from mifs.opening import EXIT_DAEMON, EXIT_STORE, EXIT_USAGE
+from mifs.exit_codes import EXIT_DAEMON, EXIT_STORE, EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:
