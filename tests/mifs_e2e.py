@@ -709,6 +709,9 @@ class Archive:
         before = set(self.chunk_objects())
         self.mount()
         write_file(self.mountpoint / name, data)
+        # Indexed before the unmount: a backlog would be worked through by the next mount,
+        # which may meet objects a test has tampered with meanwhile.
+        self.wait_status(lambda s: s["index_backlog"] == 0, 30, "the indexer to catch up")
         self.umount()
         after = self.chunk_objects()
         return {key: after[key].read_bytes() for key in set(after) - before}

@@ -63,7 +63,8 @@ def write_session(archive: Archive, files: dict[str, bytes], flags: list[str]) -
     archive.mount(flags=flags)
     for name, data in files.items():
         write_file(archive.mountpoint / name, data)
-    status = archive.status_json()
+    # Indexed before the unmount: the next mount would otherwise index objects a test tampered with.
+    status = archive.wait_status(lambda s: s["index_backlog"] == 0, 30, "the indexer to catch up")
     archive.umount()
     return status, new_objects(archive, before)
 

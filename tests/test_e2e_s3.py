@@ -264,6 +264,9 @@ def test_dicom_tree_cp_r_and_cold_read_from_s3(s3_mounted: Archive, tmp_path: Pa
         assert result.returncode == 0, f"{when}: diff -r found differences:\n{result.stdout[-3000:]}{result.stderr[-1000:]}"
 
     diff("same mount")
+    # The study index travels with the metadata only once the indexer has caught up (an
+    # unmount leaves its backlog to the next mount, which would index from the store).
+    arc.wait_status(lambda s: s["index_backlog"] == 0 and s["dicom_instances"] == 100, 60, "the study to be indexed")
     arc.umount()
     arc.wipe_cache()
     arc.mount()
