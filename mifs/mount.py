@@ -114,6 +114,10 @@ def tune_malloc() -> None:
 
 # --- serving -----------------------------------------------------------------------------------
 
+INDEX_CATCH_UP_SECONDS = 30.0
+"""How long an unmount waits for the indexer's backlog (files just written are read from the
+cache: ~1 ms each; --no-wait does not wait)."""
+
 ADMIN_REQUESTS = {
     "umount": "umount", "pin": "cache pin", "unpin": "cache unpin", "prefetch": "cache prefetch",
     "reindex": "reindex", "audit-verify": "audit verify", "audit-query": "audit query",
@@ -407,6 +411,8 @@ class Daemon:
 
     async def _shutdown(self) -> dict[str, Any]:
         self._rotation_scope.cancel()
+        if self.cfg.wait_uploads_on_exit and self.cfg.index and not self.cfg.read_only:
+            await self.indexer.catch_up(INDEX_CATCH_UP_SECONDS)
         self._dicom_scope.cancel()
         await self.fs.shutdown()
         await self.committer.commit_now()

@@ -46,6 +46,7 @@ from studies_e2e import (
     check_instances,
     check_malformed,
     check_studies,
+    expected_from_files,
     expected_from_tree,
     expected_studies,
     factory_tree,
@@ -560,3 +561,18 @@ def test_local_store_counts_every_uploaded_chunk_as_cached(mounted: Archive) -> 
     assert [s["cached_bytes"] for s in want.values()] == [s["bytes"] + s["instances"] * CHUNK_OVERHEAD for s in want.values()]
     assert_studies(studies(arc), want, "studies --json on a local store")
     assert_studies(cache_ls(arc), want, "cache ls --json on a local store")
+
+
+def test_an_unmount_right_after_the_writes_keeps_the_whole_index(archive: Archive) -> None:
+    """`mifs umount` at once after a PACS wrote a series: the unmount lets the indexer work off
+    its backlog first, so the index comes back complete from the store into an empty cache
+    dir (where the indexer could not read the files' headers any more)."""
+    files = factory_tree(StudySpec(seed=31, series_count=2, images_per_series=150))
+    exp = expected_from_files(files)
+    archive.mount()
+    write_tree(archive.mountpoint, files)
+    archive.umount()
+    archive.wipe_cache()
+    archive.mount(flags=["--no-prefetch"])
+    status = archive.status_json()
+    assert (status["dicom_instances"], status["index_backlog"], status["index_deferred"]) == (len(exp.instances), 0, 0), status

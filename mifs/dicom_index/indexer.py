@@ -73,6 +73,16 @@ class Indexer:
         except trio.WouldBlock:
             pass
 
+    async def catch_up(self, timeout: float) -> None:
+        """At unmount: wait (at most `timeout` s) until no file waits to be indexed, so that the
+        final metadata snapshot carries the whole study index. A backlog left behind is worked
+        through by the next mount, from the cache if its chunks are still there, else only by
+        `mifs reindex`."""
+        self.wake()
+        with trio.move_on_after(timeout):
+            while studies.backlog(self._db)[0]:
+                await trio.sleep(0.05)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
