@@ -257,7 +257,8 @@ def test_a_manual_pass_brings_the_scheduled_confirmation_forward(archive: Archiv
     orphan = plant_orphan(archive)
     first = archive.run_cli("sweep", archive.mountpoint)
     assert first.returncode == 0 and "1 unnamed objects found" in first.stdout, describe(first)
-    status = archive.wait_status(lambda s: s["orphans_purged"] >= 1, 30, "the scheduled pass to confirm the candidate")
+    # orphans_purged counts during a pass, orphan_sweeps at its end: wait for the end.
+    status = archive.wait_status(lambda s: s["orphan_sweeps"] >= 2, 30, "the scheduled pass to confirm the candidate")
     assert status["orphans_purged"] == 1 and status["orphan_sweeps"] == 2
     assert not (archive.store / orphan).exists()
     verify(archive.mountpoint, files)
