@@ -134,6 +134,9 @@ class MetadataReplicator:
         """Whether the store's snapshots and segments already reach our last commit (then the
         mount needs no snapshot of its own: the next segment continues the chain)."""
         newest = await newest_store_seq(self._store)
+        # What the store already holds counts as shipped (status, `mifs sync`), not 0 until
+        # this mount ships something of its own.
+        self.shipped_seq = max(self.shipped_seq, newest)
         return newest >= 0 and newest >= self._db.first_unshipped_seq() - 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -55,7 +55,10 @@ def test_after_sync_the_store_alone_holds_every_closed_file(archive: Archive, tm
     for rel, data in files.items():
         assert_bytes_equal(read_file(archive.mountpoint / rel), data, f"{rel} from the store alone")
     human = archive.run_cli("sync", archive.mountpoint)
+    commit = archive.status_json()["metadata_commit_seq"]
+    assert commit >= done["metadata_seq"] > 0
     assert human.returncode == 0 and "in the store: 0 objects" in human.stdout, describe(human)
+    assert f"metadata up to commit {commit} " in human.stdout, describe(human)
 
 
 @pytest.mark.chunk_size("64KiB")
