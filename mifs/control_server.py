@@ -92,7 +92,14 @@ class ControlServer:
                     async def send(message: dict[str, Any]) -> None:
                         await stream.send_all(encode(message))
 
-                    await self._handlers[op](request, send)
+                    try:
+                        await self._handlers[op](request, send)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        raise
+                    except Exception:
+                        # A bug in one command must not end the daemon serving the mount.
+                        log.exception("control request %r failed", op)
+                        await stream.send_all(encode({"ok": False, "error": f"internal error in the daemon while handling {op!r}; see its log"}))
                 else:
                     await stream.send_all(encode({"ok": False, "error": f"unknown request {op!r}"}))
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as exc:
