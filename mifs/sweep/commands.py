@@ -25,9 +25,14 @@ class SweepCommands:
     def handlers(self) -> dict[str, Handler]:
         return {"sweep": self._sweep, "writers-ls": self._writers_ls, "writers-rm": self._writers_rm}
 
-    async def _sweep(self, request: dict[str, Any], send: Send) -> None:
+    async def _refuse_read_only(self, send: Send) -> bool:
         if self._read_only():
             await send({"ok": False, "error": "the mount is read-only: it never deletes from the store", "kind": "refused"})
+            return True
+        return False
+
+    async def _sweep(self, request: dict[str, Any], send: Send) -> None:
+        if await self._refuse_read_only(send):
             return
         try:
             outcome = await self._sweeper.sweep_now()
@@ -50,8 +55,7 @@ class SweepCommands:
         ]})
 
     async def _writers_rm(self, request: dict[str, Any], send: Send) -> None:
-        if self._read_only():
-            await send({"ok": False, "error": "the mount is read-only: it never deletes from the store", "kind": "refused"})
+        if await self._refuse_read_only(send):
             return
         session = request.get("session")
         if not isinstance(session, str):
