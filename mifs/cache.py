@@ -3,7 +3,11 @@
 Must not see plaintext or keys: it stores exactly the bytes that go to the store, so a stolen
 cache disk is as unreadable as the bucket. Staged chunks (not yet in the store) are "dirty"
 and never evicted; uploaded ones are "clean" and evicted once the cache is over its size limit.
-Eviction works on units: the chunks of one study (a group, by the study index's numeric id,
+The size limit is also bounded by the disk: the cache never lets the free space of the disk it
+is on drop below a reserve (FREE_SPACE_RESERVE), which the metadata database, its WAL and
+snapshot copies and the audit spool need; a commit that finds the disk full would switch the
+mount to read-only. Clean chunks are evicted to keep the reserve; staged ones count against
+it, and writers wait (then get ENOSPC) when only staged data is left. Eviction works on units: the chunks of one study (a group, by the study index's numeric id,
 never a UID) leave together, least recently used study first; a chunk outside any study is a
 unit of its own. Pinned groups are never evicted. All methods are synchronous and thread-safe:
 callers run them in worker threads.
@@ -11,6 +15,7 @@ callers run them in worker threads.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -32,6 +37,10 @@ FILL_BEHIND_BYTES = 64 * 1024 * 1024
 """Fetched chunks waiting in memory for the low-priority writer (see fill_behind)."""
 FILL_BEHIND_NICE = 10
 _TMP_DIR = "tmp"
+FREE_SPACE_RESERVE = 128 * 1024 * 1024
+"""Free space kept on the cache's disk for everything else mifs writes there..."""
+FREE_SPACE_RESERVE_SHARE = 0.10
+"""...or this share of the disk, if that is less (a small dedicated cache partition)."""
 
 
 
@@ -47,6 +56,7 @@ class SyncBatch:
 class CacheStatistics:
     bytes_used: int
     bytes_limit: int
+    bytes_limit_now: int  # bytes_limit, or less when the disk has less free space
     dirty_bytes: int
     clean_objects: int
     dirty_objects: int
@@ -227,9 +237,17 @@ class ChunkCache:
             self._add(key, len(blob), True, group)
         self.evict_sync()  # uploaded chunks make room for staged ones
 
+    def _room_to_fill(self, size: int) -> bool:
+        """Whether a fetched chunk may be kept: never into the disk's reserve (the copy is
+        optional; the reader has the bytes anyway)."""
+        if self._disk_room() >= size:
+            return True
+        self.evict_sync()
+        return self._disk_room() >= size
+
     def fill_sync(self, key: ObjectKey, blob: bytes, group: GroupId | None = None) -> None:
         """Keep a copy of a chunk fetched from the store (not durable: the store has it)."""
-        if not self.keep_uploaded:
+        if not self.keep_uploaded or not self._room_to_fill(len(blob)):
             return
         self._write(key, blob, durable=False)
         with self._lock:
@@ -271,6 +289,8 @@ class ChunkCache:
                 continue  # discarded meanwhile
             blob, group = item
             try:
+                if not self._room_to_fill(len(blob)):
+                    raise OSError(errno.ENOSPC, "no room beyond the free-space reserve")
                 self._write(key, blob, durable=False)
             except OSError as exc:
                 log.warning("cannot cache object %s: %s", key, exc.strerror)
@@ -300,16 +320,48 @@ class ChunkCache:
         except FileNotFoundError:
             pass
 
-    def has_room_for_dirty(self, size: int) -> bool:
-        """Whether `size` more bytes of staged (not yet uploaded) data fit under the limit;
-        clean unpinned chunks do not count, they are evicted to make room."""
+    def _disk_room(self) -> int:
+        """Bytes the disk can still take beyond the reserve (negative: into it)."""
+        try:
+            st = os.statvfs(self._root_str)
+        except OSError:
+            return self.limit  # the directory is gone: staging fails with a clear error anyway
+        reserve = min(FREE_SPACE_RESERVE, int(st.f_blocks * st.f_frsize * FREE_SPACE_RESERVE_SHARE))
+        return st.f_bavail * st.f_frsize - reserve
+
+    def _limit_now(self, disk_room: int) -> int:
+        """The size limit as the disk allows it now (lock held): below what the cache holds
+        when the disk's free space is into the reserve."""
+        return max(0, min(self.limit, self._clean_bytes + self._dirty_bytes + disk_room))
+
+    def limit_now(self) -> int:
+        """The size limit, or less when the disk the cache is on has less room."""
+        room = self._disk_room()
         with self._lock:
+            return self._limit_now(room)
+
+    def has_room_for_dirty(self, size: int) -> bool:
+        """Whether `size` more bytes of staged (not yet uploaded) data fit under the limit and
+        on the disk; clean unpinned chunks do not count, they are evicted to make room."""
+        room = self._disk_room()
+        with self._lock:
+            evictable = self._clean_bytes - self._pinned_clean_bytes
+            if size > room + evictable:
+                return False
             return self._dirty_bytes + self._pinned_clean_bytes + size <= self.limit or self._dirty_bytes == 0
 
-    def staged_share(self) -> float:
-        """How much of the size limit staged (not yet uploaded) chunks take, 0.0 .. 1.0+."""
+    def has_staged(self) -> bool:
+        """Whether staged (not yet uploaded) chunks take room that their upload will free."""
         with self._lock:
-            return self._dirty_bytes / self.limit if self.limit > 0 else 1.0
+            return self._dirty_bytes > 0
+
+    def staged_share(self) -> float:
+        """How much of the size limit (as the disk allows it now) staged (not yet uploaded)
+        chunks take, 0.0 .. 1.0+."""
+        room = self._disk_room()
+        with self._lock:
+            limit = self._limit_now(room)
+            return self._dirty_bytes / limit if limit > 0 else 1.0
 
     def sync_pending(self) -> bool:
         """Whether staged chunks were written that would not survive power loss yet."""
@@ -424,7 +476,7 @@ class ChunkCache:
 
     # --- eviction ---------------------------------------------------------------------------
 
-    def _victims(self) -> list[ObjectKey]:
+    def _victims(self, disk_room: int) -> list[ObjectKey]:
         """Clean chunks to drop next (lock held): every clean chunk when uploaded copies are not
         kept; otherwise the least recently used unpinned unit as a whole, and only when nothing
         else is left, single chunks of the most recently used unit (a study larger than the
@@ -433,7 +485,7 @@ class ChunkCache:
             return []
         if not self.keep_uploaded:
             return [k for members in self._lru.values() for k in members]
-        if self._clean_bytes + self._dirty_bytes <= self.limit:
+        if self._clean_bytes + self._dirty_bytes <= self._limit_now(disk_room):
             return []
         newest = next(reversed(self._lru))
         for unit, members in self._lru.items():
@@ -445,11 +497,16 @@ class ChunkCache:
         return []
 
     def evict_sync(self) -> None:
+        # The disk's free space is read once: a file system may show freed blocks only later
+        # (a journal commit), and counting them here keeps one call from evicting everything.
+        room = self._disk_room()
         while True:
             with self._lock:
-                victims = self._victims()
+                victims = self._victims(room)
                 for key in victims:
-                    self._pop(key)
+                    entry = self._pop(key)
+                    if entry is not None:
+                        room += entry.size
                 self.evictions += len(victims)
             if not victims:
                 return
@@ -460,10 +517,11 @@ class ChunkCache:
                     pass
 
     def statistics(self) -> CacheStatistics:
+        room = self._disk_room()
         with self._lock:
             clean, dirty = self._clean_bytes, self._dirty_bytes
             return CacheStatistics(
-                clean + dirty, self.limit, dirty, sum(len(m) for m in self._lru.values()),
+                clean + dirty, self.limit, self._limit_now(room), dirty, sum(len(m) for m in self._lru.values()),
                 sum(1 for e in self._entries.values() if e.dirty), self.hits, self.misses, self.evictions,
                 self._pinned_clean_bytes,
             )

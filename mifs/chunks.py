@@ -258,10 +258,15 @@ class DataPath:
         uploader; after staging_timeout they get ENOSPC instead of data being dropped."""
         if self._cache.has_room_for_dirty(size):
             return
+        if not self._cache.has_staged():
+            # Nothing to wait for: no upload can free room on a disk that others filled.
+            raise NoSpace("the disk holding the cache is full")
         self.staging_waits += 1
         log.warning("cache is full of data not yet uploaded; slowing writers down")
         with trio.move_on_after(self._staging_timeout):
             while not self._cache.has_room_for_dirty(size):
+                if not self._cache.has_staged():
+                    raise NoSpace("the disk holding the cache is full")
                 await trio.sleep(0.05)
             return
         raise NoSpace("the cache is full of data that is not yet in the store")

@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import trio
 
 from mifs.crypto import envelope
-from mifs.errors import ArchiveCorrupt, IntegrityError, StorePermissionDenied, StoreUnavailable
+from mifs.errors import ArchiveCorrupt, IntegrityError, LocalIOError, StorePermissionDenied, StoreUnavailable
 from mifs.metadb import retention
 from mifs.metadb.db import JournalGroup, MetaDb, Statement
 from mifs.store.base import ObjectStore
@@ -151,7 +151,7 @@ class MetadataReplicator:
             await trio.sleep(self._journal_interval)
             try:
                 await self.ship()
-            except (StoreUnavailable, StorePermissionDenied) as exc:
+            except (StoreUnavailable, StorePermissionDenied, LocalIOError) as exc:
                 self.last_error = str(exc)
                 log.warning("shipping metadata to the store failed, will retry: %s", exc)
 
@@ -174,7 +174,15 @@ class MetadataReplicator:
                 or (self._purge_wanted_since is not None and now - self._purge_wanted_since >= KEY_PURGE_DELAY)
             )
             if snapshot or self._need_snapshot or due:
-                await self._snapshot()
+                try:
+                    await self._snapshot()
+                except LocalIOError:
+                    # No local copy could be made (cache disk full or gone): the journal still
+                    # reaches the store, and the snapshot is tried again at the next call.
+                    self._need_snapshot = True
+                    if self._pending:
+                        await self._segment()
+                    raise
             elif self._pending:
                 await self._segment()
 
@@ -221,6 +229,8 @@ class MetadataReplicator:
                 self._db.snapshot_with_meta_sync, tmp, retention.KEYS_DESTROYED
             )
             raw = await trio.to_thread.run_sync(tmp.read_bytes)
+        except OSError as exc:
+            raise LocalIOError(f"cannot read the metadata snapshot copy: {exc.strerror}") from None
         finally:
             tmp.unlink(missing_ok=True)
         if seq > self._db.durable_seq and self._make_durable is not None:

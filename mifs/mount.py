@@ -35,7 +35,7 @@ from mifs.dicom_index.catalog import StudyCatalog
 from mifs.dicom_index.commands import StudyCommands
 from mifs.dicom_index.indexer import Indexer
 from mifs.dicom_index.prefetch import Prefetcher
-from mifs.errors import ArchiveCorrupt, StorePermissionDenied, StoreUnavailable, UserError
+from mifs.errors import ArchiveCorrupt, LocalIOError, StorePermissionDenied, StoreUnavailable, UserError
 from mifs.keyrotation import KeyRotation
 from mifs.metadb import studies, tables
 from mifs.metasync import MetadataReplicator
@@ -284,6 +284,7 @@ class Daemon:
             "last_error": up.last_error,
             "cache_bytes": cache.bytes_used,
             "cache_limit": cache.bytes_limit,
+            "cache_limit_now": cache.bytes_limit_now,
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
             "read_only": self.cfg.read_only,
@@ -414,7 +415,7 @@ class Daemon:
         if self.cfg.wait_uploads_on_exit and self.cfg.index and not self.cfg.read_only:
             await self.indexer.catch_up(INDEX_CATCH_UP_SECONDS)
         self._dicom_scope.cancel()
-        await self.fs.shutdown()
+        unsaved = await self.fs.shutdown()
         await self.committer.commit_now()
         if self.cfg.wait_uploads_on_exit:
             await self.uploader.wait_idle()
@@ -426,7 +427,7 @@ class Daemon:
         with trio.move_on_after(math.inf if self.cfg.wait_uploads_on_exit else 5.0) as scope:
             try:
                 await self.replicator.ship(snapshot=True)
-            except (StoreUnavailable, StorePermissionDenied, OSError) as exc:
+            except (StoreUnavailable, StorePermissionDenied, LocalIOError, OSError) as exc:
                 log.error("could not store the final metadata snapshot: %s", exc)
         if scope.cancelled_caught:
             log.warning("the final metadata snapshot did not reach the store in time; the next mount takes one")
@@ -437,7 +438,10 @@ class Daemon:
         self.trail.record("unmounted", session=self.trail.session, integrity_failures=self.data.integrity_failures)
         await self.trail.close(ship_timeout=60.0 if self.cfg.wait_uploads_on_exit else 5.0)
         up = self.uploader.statistics()
-        return {"pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid()}
+        return {
+            "pending_uploads": up.pending_uploads, "pending_bytes": up.pending_bytes, "pid": os.getpid(),
+            "unsaved_files": len(unsaved), "unsaved_reason": unsaved[0] if unsaved else "",
+        }
 
     async def serve(self, ready: Callable[[], None]) -> None:
         import pyfuse3

@@ -311,8 +311,8 @@ class Uploader:
         while True:
             await self._gc_wakeup.wait()
             self._gc_wakeup = trio.Event()
-            batch, self._gc_ready = self._gc_ready, set()
-            for key in batch:
+            batch, self._gc_ready = list(self._gc_ready), set()
+            for n, key in enumerate(batch):
                 if key in self._in_flight:
                     self._gc_ready.add(key)  # come back once its upload is recorded
                     self._gc_wakeup.set()
@@ -321,10 +321,20 @@ class Uploader:
                     del self._queued[key]
                     self._ready_at.pop(key, None)
                     self._queue.remove(key)
-                # Every version: a chunk of a deleted or shredded file must not survive in
-                # a versioned bucket (its key may be destroyed, but the copy must go too).
-                await self._with_retry("delete", key, lambda: self._store.purge(key))
-                await trio.to_thread.run_sync(self._cache.discard_sync, key)
-                tables.forget_garbage(self._db, key)
+                try:
+                    # Every version: a chunk of a deleted or shredded file must not survive in
+                    # a versioned bucket (its key may be destroyed, but the copy must go too).
+                    await self._with_retry("delete", key, lambda: self._store.purge(key))
+                    await trio.to_thread.run_sync(self._cache.discard_sync, key)
+                    tables.forget_garbage(self._db, key)
+                except Exception as exc:  # noqa: BLE001 - e.g. the metadata disk full
+                    # The garbage row stays, so nothing is forgotten; try it again later
+                    # instead of ending the daemon.
+                    log.error("deleting object %s failed, trying again later: %s", key, exc.__class__.__name__)
+                    self._last_error = f"delete of {key}: {exc.__class__.__name__}"
+                    self._gc_ready.update(batch[n:])
+                    self._gc_wakeup.set()
+                    await trio.sleep(5)
+                    break
                 self._deleted_objects += 1
             await trio.sleep(0.05)

@@ -359,10 +359,25 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pending = final.get("pending_uploads") or 0
     if pending:
         print(f"unmounted {mountpoint}; {pending} chunks ({format_size(final.get('pending_bytes') or 0)}) are staged locally and upload at the next mount")
+    unsaved = final.get("unsaved_files") or 0
+    if unsaved:
+        raise UserError(
+            f"unmounted {mountpoint}, but the last writes of {unsaved} file(s) could not be saved "
+            f"({final.get('unsaved_reason') or 'see the daemon log'}); the daemon log names their inodes",
+            EXIT_DAEMON,
+        )
     return 0
 
 
 # --- status ------------------------------------------------------------------------------------
+
+
+def _cache_line(status: dict[str, Any]) -> str:
+    line = f"{format_size(status['cache_bytes'])} of {format_size(status['cache_limit'])}"
+    limit_now = status.get("cache_limit_now")
+    if isinstance(limit_now, int) and limit_now < status["cache_limit"]:
+        line += f" (the disk's free space allows {format_size(limit_now)} now)"
+    return line + f", {status['cache_hits']} hits, {status['cache_misses']} misses"
 
 
 def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
@@ -433,7 +448,7 @@ def _print_status(status: dict[str, Any]) -> None:
         ]
     if status.get("mounted"):
         rows += [
-            ("cache", f"{format_size(status['cache_bytes'])} of {format_size(status['cache_limit'])}, {status['cache_hits']} hits, {status['cache_misses']} misses"),
+            ("cache", _cache_line(status)),
             ("store reachable", "yes" if status["store_reachable"] else "no"),
         ]
         if status.get("compression", "off") != "off":

@@ -36,6 +36,9 @@ a file without the magic that is not parsed by then is not taken for DICOM."""
 BATCH = 64
 QUIET_SECONDS = 0.25
 MAX_DEFER_SECONDS = 5.0
+FIRST_BACKOFF_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 300.0
+"""After an unexpected failure (the metadata disk full), indexing pauses, longer each time."""
 """The indexer yields to writers, as the uploads do: while files keep being written it waits
 until none was closed for QUIET_SECONDS, at most MAX_DEFER_SECONDS after it found work. Its
 header parsing holds the GIL (pydicom), so on a small host it would otherwise slow the ingest
@@ -85,6 +88,19 @@ class Indexer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        backoff = FIRST_BACKOFF_SECONDS
+        while True:
+            try:
+                await self._work_through_queue()
+                backoff = FIRST_BACKOFF_SECONDS
+            except Exception as exc:  # noqa: BLE001 - the index must never take the mount down
+                # The metadata disk full or failing: the queue is durable, so nothing is lost
+                # by stopping here; try again later instead of ending the daemon.
+                log.error("indexing stopped, trying again in %.0f s: %s", backoff, exc.__class__.__name__)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _work_through_queue(self) -> None:
         while True:
             jobs = [j for j in studies.next_queued(self._db, BATCH) if not self._files.is_being_written(j.inode)]
             if not jobs:

@@ -92,11 +92,12 @@ class Prefetcher:
     def study_fits(self, stored_bytes: int) -> bool:
         """Whether prefetching this many bytes can leave them in the cache (half of it at most,
         so one study never flushes everything else)."""
-        return stored_bytes <= self._cache.limit // 2
+        return stored_bytes <= self._cache.limit_now() // 2
 
     def cache_capacity(self) -> int:
         """Bytes an explicit prefetch may fill: the cache minus what pins hold."""
-        return self._cache.limit - self._cache.statistics().pinned_bytes
+        stats = self._cache.statistics()
+        return stats.bytes_limit_now - stats.pinned_bytes
 
     def request(self, study_id: int, priority: int) -> PrefetchJob:
         """Queue the study's missing chunks (or join the job already queued for it)."""

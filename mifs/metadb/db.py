@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import sqlcipher3
 
-from mifs.errors import WrongKey
+from mifs.errors import LocalIOError, WrongKey
 from mifs.localfs import fdatasync_path
 from mifs.metadb.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -201,20 +201,25 @@ class MetaDb:
 
     def snapshot_with_meta_sync(self, target: Path, meta_key: str = "commit_seq") -> tuple[int, int]:
         """As snapshot_to_sync, and also the integer meta value `meta_key` in the copy."""
-        conn = sqlcipher3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
-            conn.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
-            conn.execute("PRAGMA temp_store = MEMORY")
-            conn.execute("VACUUM INTO ?", (str(target),))  # copies live rows only, no free pages
-        finally:
-            conn.close()
-        copy = sqlcipher3.connect(str(target))
-        try:
-            copy.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
-            row = copy.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchone()
-            extra = copy.execute("SELECT value FROM meta WHERE key = ?", (meta_key,)).fetchone()
-        finally:
-            copy.close()
+            conn = sqlcipher3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
+                conn.execute("PRAGMA temp_store = MEMORY")
+                conn.execute("VACUUM INTO ?", (str(target),))  # copies live rows only, no free pages
+            finally:
+                conn.close()
+            copy = sqlcipher3.connect(str(target))
+            try:
+                copy.execute(f"PRAGMA key = \"x'{self._key.hex()}'\"")
+                row = copy.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchone()
+                extra = copy.execute("SELECT value FROM meta WHERE key = ?", (meta_key,)).fetchone()
+            finally:
+                copy.close()
+        except sqlcipher3.Error as exc:
+            # The cache disk is full or its directory gone: a local failure the caller can
+            # survive (the mount goes on; the copy is tried again), not a broken database.
+            raise LocalIOError(f"cannot copy the metadata database: {exc}") from None
         return (int(row[0]) if row else 0), (int(extra[0]) if extra and extra[0] is not None else 0)
 
     def replay(self, groups: list[JournalGroup]) -> int:

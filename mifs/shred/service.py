@@ -34,7 +34,7 @@ import trio
 from mifs.cache import ChunkCache
 from mifs.chunks import DataPath
 from mifs.commits import Committer
-from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.errors import LocalIOError, StorePermissionDenied, StoreUnavailable
 from mifs.metadb import retention, studies, tables
 from mifs.metadb.db import MetaDb
 from mifs.metasync import MetadataReplicator
@@ -238,7 +238,7 @@ class Shredder:
                 if await self._replicator.purge_now() >= wanted:
                     await self._committer.commit_now()  # keys_purged
                     return
-            except (StoreUnavailable, StorePermissionDenied) as exc:
+            except (StoreUnavailable, StorePermissionDenied, LocalIOError) as exc:
                 log.warning("shred: replacing the metadata copies in the store failed, retrying: %s", exc)
                 await progress({"step": "replacing metadata copies in the store", "error": str(exc)})
                 await trio.sleep(RETRY_DELAY)

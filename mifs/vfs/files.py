@@ -416,10 +416,18 @@ class FileData:
         await self._committer.commit_now(durable=durable)
 
 
-    async def flush_all(self) -> None:
-        """Seal and commit every open file (unmount, shutdown)."""
+    async def flush_all(self) -> list[tuple[InodeId, FsError]]:
+        """Seal and commit every open file (unmount, shutdown). A file that cannot be saved
+        (the cache disk full or gone) is passed over and returned with its error, so that the
+        rest of the shutdown (final commit, uploads, metadata snapshot) still happens for
+        everything that was saved."""
+        failed: list[tuple[InodeId, FsError]] = []
         for inode, oi in list(self.open.items()):
-            await self._flush_inode(inode, oi)
+            try:
+                await self._flush_inode(inode, oi)
+            except FsError as exc:
+                failed.append((inode, exc))
+        return failed
 
     # --- size changes -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ with truncation, read-only and failsafe modes, statfs figures, and unmount-time 
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from mifs.metadb.tables import InodeRow
 from mifs.types import InodeId
 from mifs.vfs.files import FileData
 from mifs.vfs.namespace import Caller, Namespace
+
+log = logging.getLogger(__name__)
 
 O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
@@ -105,9 +108,14 @@ class FileSystem:
                 await self.files.truncate(row, size)
         return self.ns.set_attrs(inode, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
 
-    async def shutdown(self) -> None:
-        """Seal and commit everything still open (the kernel is gone or going)."""
-        await self.files.flush_all()
+    async def shutdown(self) -> list[str]:
+        """Seal and commit everything still open (the kernel is gone or going). Returns why
+        each file that could not be saved failed (logged here by inode number), so the
+        unmount can say so instead of claiming everything is stored."""
+        failed = await self.files.flush_all()
+        for inode, exc in failed:
+            log.error("inode %d: its last writes could not be saved at unmount: %s", inode, exc)
+        return [str(exc) for _, exc in failed]
 
     def statfs(self) -> StatFs:
         st = os.statvfs(self._cache_root)
