@@ -13,7 +13,12 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+"""How a daemon-side handler answers: each call sends one reply line (progress, then final)."""
+Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
+"""A daemon-side request handler: the request, and how to answer it."""
 
 
 def runtime_dir() -> Path:

@@ -15,14 +15,12 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from mifs.control_protocol import decode, encode
+from mifs.control_protocol import Handler, decode, encode
 
 log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict[str, Any]]
 UnmountFn = Callable[[bool], Awaitable[str | None]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 """A request handler: gets the request and sends its replies (progress lines, then a final one)."""
 Peer = tuple[int, int, int]
 """(pid, uid, gid) of the process at the other end of the socket (SO_PEERCRED)."""

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 
 from mifs.archive import Descriptor, rewrite_descriptor
 from mifs.commits import Committer
+from mifs.control_protocol import Handler, Send
 from mifs.crypto import envelope
 from mifs.crypto.keyring import KeyRing, MasterKey
 from mifs.crypto.keysource import KeySource
@@ -64,8 +65,6 @@ from mifs.types import FileId
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 DEFAULT_BATCH = 256
 MAX_BATCH = 10_000

@@ -10,17 +10,16 @@ keeps writing would keep the command waiting for ever.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import trio
 
 from mifs.commits import Committer
+from mifs.control_protocol import Handler, Send
 from mifs.errors import MifsError, StorePermissionDenied, StoreUnavailable
 from mifs.metasync import MetadataReplicator
 from mifs.uploader import Uploader
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 PROGRESS_SECONDS = 1.0
 

@@ -6,16 +6,15 @@ spool after making every record so far durable, so their answer includes this ve
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from mifs.audit import records, verify
 from mifs.audit.trail import AuditTrail
+from mifs.control_protocol import Handler, Send
 from mifs.metadb import studies
 from mifs.metadb.db import MetaDb
 from mifs.types import InodeId
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 
 def query_from_request(request: dict[str, Any]) -> verify.Query:

@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterator
 from mifs.control_protocol import ControlUnavailable, request
 from mifs.errors import UserError
 from mifs.mounttable import live_mifs_mounts, mount_fstype
-from mifs.exit_codes import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE
+from mifs.exit_codes import EXIT_DAEMON, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_STORE, EXIT_USAGE
 
-_KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED}
+_KIND_EXIT = {"not-found": EXIT_NOT_FOUND, "usage": EXIT_USAGE, "refused": EXIT_REFUSED, "store": EXIT_STORE}
 """Exit codes of the error kinds a daemon's reply names (control_server)."""
 
 
@@ -65,11 +65,12 @@ def replies(mountpoint: Path, message: dict[str, Any], *, timeout: float | None 
 
 def ask(
     mountpoint: Path, message: dict[str, Any], on_progress: Callable[[dict[str, Any]], None] | None = None, *,
-    not_mifs: str = "",
+    not_mifs: str = "", timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Send one request; hand progress lines to on_progress; the final reply, or its error raised."""
+    """Send one request; hand progress lines to on_progress (which may raise to give up); the
+    final reply, or its error raised. timeout: longest silence of the socket (None: wait)."""
     final: dict[str, Any] | None = None
-    for reply in replies(mountpoint, message, not_mifs=not_mifs):
+    for reply in replies(mountpoint, message, not_mifs=not_mifs, timeout=timeout):
         if "progress" in reply:
             if on_progress is not None:
                 on_progress(reply["progress"])

@@ -12,10 +12,10 @@ import sys
 import time
 from typing import Any
 
-from mifs.cli.control import add_mountpoint_arg, mountpoint_of, replies
+from mifs.cli.control import add_mountpoint_arg, ask, mountpoint_of
 from mifs.config import format_size
 from mifs.errors import UserError
-from mifs.exit_codes import EXIT_DAEMON, EXIT_STORE, EXIT_USAGE
+from mifs.exit_codes import EXIT_STORE, EXIT_USAGE
 
 
 def add_parsers(sub: Any) -> None:
@@ -29,30 +29,20 @@ def add_parsers(sub: Any) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise UserError("--timeout must be a positive number of seconds", EXIT_USAGE)
-    mountpoint = mountpoint_of(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    final: dict[str, Any] | None = None
-    progress: dict[str, Any] = {}
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        error = f" (last error: {progress['error']})" if progress.get("error") else ""
+        if not args.quiet and sys.stderr.isatty():  # a script gets one line, the error, or none
+            print(f"mifs: sync: {progress.get('left')} of {progress.get('objects')} objects still to upload{error}",
+                  file=sys.stderr)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise UserError(f"{progress.get('left')} of {progress.get('objects')} objects were still not in the store "
+                            f"after {args.timeout:g} s{error}", EXIT_STORE)
+
     # Progress comes every second: a socket this quiet for longer means a stuck daemon.
-    for reply in replies(mountpoint, {"op": "sync"}, timeout=None if args.timeout is None else args.timeout + 5):
-        if "progress" in reply:
-            progress = reply["progress"]
-            if not args.quiet and sys.stderr.isatty():  # a script gets one line, the error, or none
-                print(f"mifs: sync: {progress.get('left')} of {progress.get('objects')} objects still to upload"
-                      + (f" (last error: {progress['error']})" if progress.get("error") else ""), file=sys.stderr)
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        else:
-            final = reply
-    if final is None:
-        if deadline is not None and progress:
-            raise UserError(
-                f"{progress.get('left')} of {progress.get('objects')} objects were still not in the store after "
-                f"{args.timeout:g} s" + (f" (last error: {progress['error']})" if progress.get("error") else ""), EXIT_STORE,
-            )
-        raise UserError(f"the mifs daemon for {mountpoint} closed the connection without an answer", EXIT_DAEMON)
-    if not final.get("ok"):
-        raise UserError(str(final.get("error", "sync failed")), EXIT_STORE if final.get("kind") == "store" else EXIT_DAEMON)
+    final = ask(mountpoint_of(args), {"op": "sync"}, on_progress,
+                timeout=None if args.timeout is None else args.timeout + 5)
     if args.json:
         print(json.dumps({k: final.get(k) for k in ("objects", "bytes", "metadata_seq", "seconds")}))
     else:

@@ -8,18 +8,17 @@ its replies (progress lines, then one final {"ok": ...}). Errors the user must s
 from __future__ import annotations
 
 import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 
+from mifs.control_protocol import Handler, Send
 from mifs.dicom_index.catalog import PinRefused, StudyCatalog, StudyNotFound
 from mifs.dicom_index.indexer import Indexer
 from mifs.dicom_index.prefetch import PRIORITY_ADMIN, PrefetchJob, Prefetcher
 from mifs.metadb import studies
 from mifs.metadb.db import MetaDb
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 PROGRESS_INTERVAL = 0.5
 
 KIND_NOT_FOUND = "not-found"

@@ -7,13 +7,12 @@ only in the undelete listing the admin asked for, never in logs.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
+from mifs.control_protocol import Handler, Send
 from mifs.shred.service import KIND_USAGE, Shredder, ShredRefused
 from mifs.types import InodeId
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 
 class ShredCommands:

@@ -7,13 +7,12 @@ the registry or the sweep names a file or a patient.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
+from mifs.control_protocol import Handler, Send
 from mifs.errors import StorePermissionDenied, StoreUnavailable
 from mifs.sweep.service import OrphanSweeper, RegistrationRefused
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[dict[str, Any], Send], Awaitable[None]]
 
 
 class SweepCommands:
