@@ -91,6 +91,20 @@ def setup_logging(log_file: Path | None, debug: bool) -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
+def check_log_file(path: Path) -> None:
+    """Fail before daemonizing when --log-file cannot be written: the daemon could not say why."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write the log file {path}: {exc.strerror}", EXIT_USAGE) from None
+
+
+def log_path_of(cfg: MountConfig) -> Path:
+    """Where the daemon's log goes (named in startup errors)."""
+    return cfg.log_file or (cfg.cache_dir or Path(".")) / LOG_FILE
+
+
 def tune_interpreter() -> None:
     """A FUSE request waiting for the GIL behind worker threads (boto3, cache I/O) waits up to
     the switch interval; 5 ms by default is longer than a whole cached read. 1 ms keeps the
@@ -548,6 +562,8 @@ def mount(cfg: MountConfig) -> None:
     cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
     os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it
     cfg.cache_dir = cache_dir
+    if cfg.log_file is not None:
+        check_log_file(cfg.log_file)
     tune_malloc()
     tune_interpreter()
     if cfg.foreground:
@@ -575,8 +591,7 @@ def _daemonize(cfg: MountConfig) -> None:
     if message.startswith("ERR "):
         code, _, text = message[4:].partition(" ")
         raise UserError(text, int(code))
-    log_path = (cfg.cache_dir or Path(".")) / LOG_FILE
-    raise UserError(f"the mount daemon exited during startup; see {log_path}", EXIT_DAEMON)
+    raise UserError(f"the mount daemon exited during startup; see {log_path_of(cfg)}", EXIT_DAEMON)
 
 
 def _daemon_main(cfg: MountConfig, write_fd: int) -> None:
@@ -604,7 +619,7 @@ def _daemon_main(cfg: MountConfig, write_fd: int) -> None:
         code = EXIT_INTERNAL
         log.exception("mount daemon failed")
         if write_fd >= 0:
-            os.write(write_fd, f"ERR {EXIT_DAEMON} the mount daemon failed during startup; see {(cfg.cache_dir or Path('.')) / LOG_FILE}\n".encode())
+            os.write(write_fd, f"ERR {EXIT_DAEMON} the mount daemon failed during startup; see {log_path_of(cfg)}\n".encode())
     finally:
         logging.shutdown()
         os._exit(code)

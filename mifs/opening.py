@@ -283,7 +283,8 @@ def prepare_cache_dir(path: Path) -> int:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise UserError(f"cannot use cache dir {path}: {exc.strerror}", EXIT_USAGE) from None
+        problem = "not a directory" if path.exists() and not path.is_dir() else exc.strerror
+        raise UserError(f"cannot use cache dir {path}: {problem}", EXIT_USAGE) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

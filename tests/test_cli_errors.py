@@ -38,12 +38,14 @@ def assert_mount_fails(
     mountpoint: Path | None = None,
     key_file: Path | None = None,
     cache_dir: Path | None = None,
-) -> None:
+    flags: tuple[object, ...] = (),
+) -> str:
+    """Asserts one error line and exit_code, and nothing changed or left running; the line."""
     mountpoint = mountpoint or archive.mountpoint
     cache_dir = cache_dir or archive.cache_dir
     before = file_states(archive.store)
     result = run_mifs("mount", store or archive.store, mountpoint, "--key-file", key_file or archive.key_file,
-                      "--cache-dir", cache_dir)
+                      "--cache-dir", cache_dir, *flags)
     if result.returncode == 0:  # do not leave an unexpected mount behind
         archive.mounts.append((mountpoint, cache_dir))
     assert_cli_error(result, exit_code)
@@ -51,6 +53,7 @@ def assert_mount_fails(
     if mountpoint.is_dir() and mountpoint != archive.mountpoint or not archive.mounts:
         assert not is_fuse_mounted(mountpoint), f"{mountpoint} is mounted after a failed mount"
     assert not daemon_pids(cache_dir), "a daemon is running after a failed mount"
+    return result.stderr.strip()
 
 
 def other_key(tmp_path: Path) -> Path:
@@ -126,6 +129,16 @@ def test_mountpoint_already_mounted(mounted: Archive, tmp_path: Path) -> None:
     assert_cli_error(result, EXIT_MOUNTPOINT)
     assert not daemon_pids(other_cache)
     assert read_file(mounted.mountpoint / "f") == b"live"  # the first mount still serves
+
+
+def test_cache_dir_that_is_a_file_or_an_unwritable_log_file(archive: Archive, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_bytes(b"x")
+    line = assert_mount_fails(archive, EXIT_USAGE, cache_dir=not_a_dir)
+    assert line == f"mifs: error: cannot use cache dir {not_a_dir}: not a directory", line
+    # The daemon could not say why it failed in a log it cannot write: refused before it starts.
+    line = assert_mount_fails(archive, EXIT_USAGE, flags=("--log-file", tmp_path / "no-such-dir" / "mifs.log"))
+    assert line.startswith("mifs: error: cannot write the log file ") and "No such file or directory" in line, line
 
 
 def test_same_cache_dir_twice_is_refused(mounted: Archive, tmp_path: Path) -> None:
