@@ -296,6 +296,7 @@ class Daemon:
             "deleted_objects": up.deleted_objects,
             "store_reachable": up.store_reachable,
             "last_error": up.last_error,
+            **self._store_retry_status(),
             "cache_bytes": cache.bytes_used,
             "cache_limit": cache.bytes_limit,
             "cache_limit_now": cache.bytes_limit_now,
@@ -319,6 +320,15 @@ class Daemon:
             **self.shredder.statistics(),
             **self.sweeper.statistics(),
         }
+
+    def _store_retry_status(self) -> dict[str, Any]:
+        """Store operations failing now but still being retried (for up to a minute before the
+        uploader reports the store unreachable): an admin sees the trouble at once."""
+        statistics = getattr(self.archive.store, "statistics", None)
+        if statistics is None:
+            return {"store_retrying": 0, "store_last_error": ""}
+        st = statistics()
+        return {"store_retrying": st.retrying, "store_last_error": st.last_error}
 
     def _compression_status(self) -> dict[str, Any]:
         compressor = self.data.compressor

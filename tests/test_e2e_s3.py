@@ -521,6 +521,9 @@ def test_store_outage_mid_ingest(
 
     status = arc.wait_status(lambda s: s["pending_uploads"] > 0, 10, "pending uploads during the outage")
     assert status["pending_bytes"] > 0, status
+    # Long before the store counts as unreachable, status shows the uploads being retried.
+    status = arc.wait_status(lambda s: s["store_retrying"] > 0, 20, "status to show the store operations retried")
+    assert "StoreUnavailable" in status["store_last_error"], status
 
     # staged data is served by the daemon itself (O_DIRECT: no page cache)
     for name in during:

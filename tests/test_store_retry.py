@@ -507,3 +507,22 @@ def test_fault_plan_bounds() -> None:
     with FaultProxy("http://127.0.0.1:9", plan) as p:
         decisions = [p._decide("PUT", "/b/k") for _ in range(6)]
     assert decisions == ["error_500", "error_500", None] * 2
+
+
+class _LongestBackoff(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_status_counts_the_operations_waiting_to_retry() -> None:
+    """`mifs status` shows a failing store long before an operation gives up (a minute)."""
+    inner = ScriptedStore()
+    store = RetryingStore(inner, max_attempts=3, base_delay=0.3, max_delay=4, rng=_LongestBackoff())
+    inner.fail("put", *unavailable(1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.put, K, b"payload")
+        await trio.sleep(0.1)  # the first attempt failed; the retry waits 0.3 s
+        assert store.statistics().retrying == 1
+        assert store.statistics().last_error == "StoreUnavailable: transient failure 0"
+    assert store.statistics().retrying == 0
+    assert inner.objects[K] == b"payload"

@@ -372,6 +372,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
 # --- status ------------------------------------------------------------------------------------
 
 
+def _store_line(status: dict[str, Any]) -> str:
+    if not status["store_reachable"]:
+        return "no"
+    retrying = status.get("store_retrying") or 0
+    if retrying:
+        return f"yes, but {retrying} operation(s) are being retried ({status.get('store_last_error')})"
+    return "yes"
+
+
 def _cache_line(status: dict[str, Any]) -> str:
     line = f"{format_size(status['cache_bytes'])} of {format_size(status['cache_limit'])}"
     limit_now = status.get("cache_limit_now")
@@ -449,7 +458,7 @@ def _print_status(status: dict[str, Any]) -> None:
     if status.get("mounted"):
         rows += [
             ("cache", _cache_line(status)),
-            ("store reachable", "yes" if status["store_reachable"] else "no"),
+            ("store reachable", _store_line(status)),
         ]
         if status.get("compression", "off") != "off":
             rows.append((

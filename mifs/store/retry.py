@@ -42,6 +42,9 @@ class RetryStatistics:
     """Operations that still failed with StoreUnavailable when attempts or time ran out."""
     last_error: str
     """Class and message of the latest failure ("" if none); messages carry no secrets."""
+    retrying: int
+    """Operations waiting now to try again after a transient failure (the store is failing
+    them, though none has been given up on yet)."""
 
 
 class RetryingStore:
@@ -85,6 +88,7 @@ class RetryingStore:
         self._permanent = 0
         self._exhausted = 0
         self._last_error = ""
+        self._retrying = 0
         inner_adopt: Callable[[ObjectKey, Path], Awaitable[bool]] | None = getattr(inner, "adopt_file", None)
         if inner_adopt is not None:
 
@@ -101,6 +105,7 @@ class RetryingStore:
             permanent_failures=self._permanent,
             exhausted=self._exhausted,
             last_error=self._last_error,
+            retrying=self._retrying,
         )
 
     @property
@@ -150,7 +155,11 @@ class RetryingStore:
                 log.warning(
                     "store %s of %s failed with %s; retry %d in %.2f s", op, key, type(exc).__name__, attempt, delay
                 )
-                await trio.sleep(delay)
+                self._retrying += 1
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    self._retrying -= 1
             except MifsError as exc:
                 self._permanent += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
