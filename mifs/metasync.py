@@ -118,6 +118,7 @@ class MetadataReplicator:
         self.shipped_seq = 0
         self.last_error = ""
         self.purges = 0
+        self._listed_newest: int | None = None
 
     def purge_pending(self) -> bool:
         """Whether a destroyed key may still be in a metadata copy in the store."""
@@ -130,10 +131,17 @@ class MetadataReplicator:
         await self.ship(snapshot=True)
         return retention.keys_purged(self._db)
 
+    def store_listed(self, newest: int) -> None:
+        """The newest commit the store's metadata reached when the mount listed it just
+        before (opening.check_cache_not_behind_store): run() need not list it again."""
+        self._listed_newest = newest
+
     async def _store_is_current(self) -> bool:
         """Whether the store's snapshots and segments already reach our last commit (then the
         mount needs no snapshot of its own: the next segment continues the chain)."""
-        newest = await newest_store_seq(self._store)
+        newest, self._listed_newest = self._listed_newest, None
+        if newest is None:
+            newest = await newest_store_seq(self._store)
         # What the store already holds counts as shipped (status, `mifs sync`), not 0 until
         # this mount ships something of its own.
         self.shipped_seq = max(self.shipped_seq, newest)

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -71,6 +71,33 @@ from mifs.vfs.namespace import Namespace
 from mifs.vfs.retention import RetentionPolicy, days_to_ns
 
 log = logging.getLogger(__name__)
+
+Service = Callable[..., Awaitable[None]]
+"""A background service's run(task_status=...)."""
+
+
+# --- background services -------------------------------------------------------------------------
+
+
+async def run_guarded(
+    name: str, run: Service, on_failure: Callable[[str], None], *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a background service. One that fails once running does not end the daemon, which
+    would take the mount and the unsaved data of every open file with it: the failure is
+    logged and on_failure(name) called (the daemon turns the mount failsafe read-only and
+    unmounts without it). A failure while starting is raised: it fails the mount."""
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
+            started = True
+            task_status.started()
+    except Exception:
+        if not started:
+            raise
+        log.exception("the %s service failed; the mount is read-only from now on", name)
+        on_failure(name)
 
 
 # --- logging and process ------------------------------------------------------------------------
@@ -266,6 +293,7 @@ class Daemon:
         self.real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting: see raise_readahead
         self.notifier = Notifier()
         self._unmount_requested = False
+        self._failed_services: set[str] = set()
 
     def refuses_store_deletes(self) -> bool:
         """Read-only or failsafe: the sweep, shred and writers rm must not touch the store."""
@@ -434,6 +462,10 @@ class Daemon:
         with self._rotation_scope:
             await self.key_rotation.run(task_status=task_status)
 
+    def _service_failed(self, name: str) -> None:
+        self._failed_services.add(name)
+        self.fs.enter_failsafe(f"the {name} service failed (see the daemon log)")
+
     async def _shutdown(self) -> dict[str, Any]:
         self._rotation_scope.cancel()
         if self.cfg.wait_uploads_on_exit and self.cfg.index and not self.cfg.read_only:
@@ -441,7 +473,7 @@ class Daemon:
         self._dicom_scope.cancel()
         unsaved = await self.fs.shutdown()
         await self.committer.commit_now()
-        if self.cfg.wait_uploads_on_exit:
+        if self.cfg.wait_uploads_on_exit and "uploader" not in self._failed_services:
             await self.uploader.wait_idle()
             await self.committer.commit_now()
             await self.uploader.wait_idle()
@@ -497,18 +529,19 @@ class Daemon:
         mounted = True
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.trail.run)
-                await nursery.start(self.uploader.run)
-                await nursery.start(self.committer.run)
-                await nursery.start(self.data.run)
-                await nursery.start(self.files.run)
-                await nursery.start(self.replicator.run)
+                services: list[tuple[str, Service]] = [
+                    ("audit trail", self.trail.run), ("uploader", self.uploader.run),
+                    ("committer", self.committer.run), ("data path", self.data.run), ("file data", self.files.run),
+                    ("metadata replicator", self.replicator.run),
+                ]
                 if not self.cfg.read_only:
-                    await nursery.start(self.shredder.run)
-                    await nursery.start(self.sweeper.run)
-                await nursery.start(self._run_dicom_services)
-                await nursery.start(self._run_key_rotation)
-                await nursery.start(control.run)
+                    services += [("shredder", self.shredder.run), ("orphan sweep", self.sweeper.run)]
+                services += [
+                    ("study index", self._run_dicom_services), ("key rotation", self._run_key_rotation),
+                    ("control server", control.run),
+                ]
+                for name, run in services:
+                    await nursery.start(run_guarded, name, run, self._service_failed)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._probe_ready, ready)
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -540,7 +573,7 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 await restore_if_needed(archive, cache_dir)
             except ArchiveCorrupt as exc:
                 raise translate(exc) from None
-            await check_cache_not_behind_store(archive, cache_dir, read_only=cfg.read_only)
+            store_newest = await check_cache_not_behind_store(archive, cache_dir, read_only=cfg.read_only)
             assert archive.keyring is not None
             try:
                 trail, notes = await open_trail(
@@ -552,6 +585,8 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
             except OSError as exc:
                 raise UserError(f"cannot open the audit spool in {cache_dir}: {exc.strerror}", EXIT_USAGE) from None
             daemon = Daemon(cfg, archive, cache_dir, trail, notes)
+            if store_newest is not None:
+                daemon.replicator.store_listed(store_newest)
             await daemon.serve(ready)
         finally:
             os.close(lock_fd)

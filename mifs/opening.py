@@ -210,34 +210,36 @@ async def restore_if_needed(archive: OpenedArchive, cache_dir: Path) -> None:
     log.info("rebuilt the metadata from the store: snapshot %016x, journal up to commit %016x", snap, seq)
 
 
-async def check_cache_not_behind_store(archive: OpenedArchive, cache_dir: Path, *, read_only: bool) -> None:
+async def check_cache_not_behind_store(archive: OpenedArchive, cache_dir: Path, *, read_only: bool) -> int | None:
     """Refuse a writable mount whose local metadata is older than the metadata in the store.
+    Returns the newest commit the store's metadata reaches, as listed (None: not listed), so
+    the mount need not list it again.
 
     The store only ever holds commits the local database made durable, so the store being
     ahead means another host, or an old copy of this cache disk, wrote to the archive since:
     mounting would fork the metadata (the store's journal would get two different histories)
     and files written there would be invisible here. Rebuilding from the store is the way out."""
     if not (cache_dir / DB_FILE).exists():
-        return
+        return None
     try:
         newest = await newest_store_seq(archive.store)
     except (StoreUnavailable, StorePermissionDenied) as exc:
         log.warning("cannot list the metadata in the store to compare it with the cache: %s", exc)
-        return
+        return None
     db = open_cache_db(cache_dir, archive)
     try:
         local = db.commit_seq
     finally:
         db.close()
     if newest <= local:
-        return
+        return newest
     what = (
         f"the store holds metadata up to commit {newest}, but the cache dir {cache_dir} only up to commit {local}: "
         "another host or an old copy of this cache wrote to the archive since"
     )
     if read_only:
         log.warning("%s; mounting read-only what this cache knows", what)
-        return
+        return newest
     raise UserError(f"{what}; move the cache dir away and mount again to rebuild it from the store", EXIT_ARCHIVE)
 
 
