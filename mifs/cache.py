@@ -7,7 +7,9 @@ The size limit is also bounded by the disk: the cache never lets the free space 
 is on drop below a reserve (FREE_SPACE_RESERVE), which the metadata database, its WAL and
 snapshot copies and the audit spool need; a commit that finds the disk full would switch the
 mount to read-only. Clean chunks are evicted to keep the reserve; staged ones count against
-it, and writers wait (then get ENOSPC) when only staged data is left. Eviction works on units: the chunks of one study (a group, by the study index's numeric id,
+it, and writers wait (then get ENOSPC) when only staged data is left.
+
+Eviction works on units: the chunks of one study (a group, by the study index's numeric id,
 never a UID) leave together, least recently used study first; a chunk outside any study is a
 unit of its own. Pinned groups are never evicted. All methods are synchronous and thread-safe:
 callers run them in worker threads.
@@ -15,7 +17,6 @@ callers run them in worker threads.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -288,15 +289,13 @@ class ChunkCache:
             if item is None:
                 continue  # discarded meanwhile
             blob, group = item
-            try:
-                if not self._room_to_fill(len(blob)):
-                    raise OSError(errno.ENOSPC, "no room beyond the free-space reserve")
-                self._write(key, blob, durable=False)
-            except OSError as exc:
-                log.warning("cannot cache object %s: %s", key, exc.strerror)
-                written = False
-            else:
-                written = True
+            written = False
+            if self._room_to_fill(len(blob)):  # else not kept: the disk's reserve comes first
+                try:
+                    self._write(key, blob, durable=False)
+                    written = True
+                except OSError as exc:
+                    log.warning("cannot cache object %s: %s", key, exc.strerror)
             with self._lock:
                 wanted = self._behind.pop(key, None) is not None
                 if wanted:
