@@ -1,18 +1,16 @@
 """Composition root: builds every component from the configuration, mounts, serves, unmounts.
 
 Owns the one trio nursery, pyfuse3 init/main/close, signals, the control socket and the
-daemon's process life (fork, readiness pipe). Business logic lives below; this module wires.
+background services. The process side (checks in the CLI's process, daemonizing, logging)
+is launch.py. Business logic lives below; this module wires.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import logging.handlers
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -40,13 +38,10 @@ from mifs.keyrotation import KeyRotation
 from mifs.metadb import studies, tables
 from mifs.metasync import MetadataReplicator
 from mifs.mounttable import raise_readahead, run_fusermount
-from mifs.exit_codes import EXIT_ARCHIVE, EXIT_DAEMON, EXIT_INTERNAL, EXIT_MOUNTPOINT, EXIT_USAGE
+from mifs.exit_codes import EXIT_ARCHIVE, EXIT_MOUNTPOINT, EXIT_USAGE
 from mifs.opening import (
-    LOG_FILE,
     OpenedArchive,
     check_cache_not_behind_store,
-    check_fuse_available,
-    check_mountpoint,
     default_cache_dir,
     kek_of_db,
     key_source_of,
@@ -98,59 +93,6 @@ async def run_guarded(
             raise
         log.exception("the %s service failed; the mount is read-only from now on", name)
         on_failure(name)
-
-
-# --- logging and process ------------------------------------------------------------------------
-
-
-def setup_logging(log_file: Path | None, debug: bool) -> None:
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    handler: logging.Handler = (
-        logging.StreamHandler(sys.stderr)
-        if log_file is None
-        else logging.handlers.RotatingFileHandler(log_file, maxBytes=64 * 1024 * 1024, backupCount=3)
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-
-
-def check_log_file(path: Path) -> None:
-    """Fail before daemonizing when --log-file cannot be written: the daemon could not say why."""
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write the log file {path}: {exc.strerror}", EXIT_USAGE) from None
-
-
-def log_path_of(cfg: MountConfig) -> Path:
-    """Where the daemon's log goes (named in startup errors)."""
-    return cfg.log_file or (cfg.cache_dir or Path(".")) / LOG_FILE
-
-
-def tune_interpreter() -> None:
-    """A FUSE request waiting for the GIL behind worker threads (boto3, cache I/O) waits up to
-    the switch interval; 5 ms by default is longer than a whole cached read. 1 ms keeps the
-    event loop responsive while prefetch and uploads run."""
-    sys.setswitchinterval(0.001)
-
-
-def tune_malloc() -> None:
-    """Keep chunk-sized buffers on the heap and reuse them (see FUSE-NOTES: fresh pages are slow)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
-        # Few arenas: a chunk buffer freed by one worker thread is reused by the next one
-        # instead of every thread's arena keeping its own (peak RSS of a 1 GiB write with 8
-        # upload workers: ~385 MiB with one arena per thread, see docs/PERFORMANCE.md).
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 # --- serving -----------------------------------------------------------------------------------
@@ -560,15 +502,14 @@ class Daemon:
 
 
 def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
-    """Open everything and serve until unmounted (runs in the daemon process)."""
+    """Open everything and serve until unmounted (runs in the daemon process, logging set up
+    by launch.py; ready() once the mount is live)."""
 
     async def main() -> None:
         archive = await open_archive(cfg.store_url, key_source_of(cfg), options=store_options(cfg))
         cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
         lock_fd = prepare_cache_dir(cache_dir)
         try:
-            if not cfg.foreground or cfg.log_file is not None:
-                setup_logging(cfg.log_file or cache_dir / LOG_FILE, cfg.debug)
             try:
                 await restore_if_needed(archive, cache_dir)
             except ArchiveCorrupt as exc:
@@ -592,81 +533,3 @@ def run_daemon(cfg: MountConfig, ready: Callable[[], None]) -> None:
             os.close(lock_fd)
 
     trio.run(main)
-
-
-def mount(cfg: MountConfig) -> None:
-    """`mifs mount`: validate in this process, then serve in the foreground or in a daemon
-    that reports back through a pipe once the mount is live."""
-    check_fuse_available()
-    check_mountpoint(cfg.mountpoint)
-    source = key_source_of(cfg)
-    archive = trio.run(lambda: open_archive(cfg.store_url, source, options=store_options(cfg)))
-    cfg.store_url = str(archive.location)  # absolute: the daemon runs in /
-    if source is None and archive.key_source is not None:
-        cfg.key_file = archive.key_source.path  # the default key file, found here
-    cache_dir = cfg.cache_dir or default_cache_dir(archive.descriptor.archive_id_hex)
-    os.close(prepare_cache_dir(cache_dir))  # fail now if another daemon holds it
-    cfg.cache_dir = cache_dir
-    if cfg.log_file is not None:
-        check_log_file(cfg.log_file)
-    tune_malloc()
-    tune_interpreter()
-    if cfg.foreground:
-        setup_logging(cfg.log_file, cfg.debug)
-        run_daemon(cfg, lambda: None)
-        return
-    _daemonize(cfg)
-
-
-def _daemonize(cfg: MountConfig) -> None:
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: detach, then fork the daemon proper
-        os.close(read_fd)
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        _daemon_main(cfg, write_fd)
-    os.close(write_fd)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode("utf-8", "replace").strip()
-    if message == "OK":
-        return
-    if message.startswith("ERR "):
-        code, _, text = message[4:].partition(" ")
-        raise UserError(text, int(code))
-    raise UserError(f"the mount daemon exited during startup; see {log_path_of(cfg)}", EXIT_DAEMON)
-
-
-def _daemon_main(cfg: MountConfig, write_fd: int) -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.chdir("/")
-
-    def ready() -> None:
-        nonlocal write_fd
-        if write_fd >= 0:
-            os.write(write_fd, b"OK\n")
-            os.close(write_fd)
-            write_fd = -1
-
-    code = 0
-    try:
-        run_daemon(cfg, ready)
-    except UserError as exc:
-        code = exc.exit_code
-        if write_fd >= 0:
-            os.write(write_fd, f"ERR {exc.exit_code} {exc}\n".encode())
-        log.error("%s", exc)
-    except BaseException:
-        code = EXIT_INTERNAL
-        log.exception("mount daemon failed")
-        if write_fd >= 0:
-            os.write(write_fd, f"ERR {EXIT_DAEMON} the mount daemon failed during startup; see {log_path_of(cfg)}\n".encode())
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-

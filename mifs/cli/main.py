@@ -260,7 +260,7 @@ def _seconds(value: float | None, flag: str) -> float | None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from mifs.mount import mount
+    from mifs.launch import mount
 
     values = load_config_file(args.config.absolute()) if args.config else {}
     flags: dict[str, Any] = {
