@@ -178,6 +178,7 @@ class Daemon:
             wait_uploaded=self.uploader.wait_uploaded if cfg.sync_uploads else None,
             sync_close=cfg.sync_close or cfg.sync_uploads,
             changed=changed_send if cfg.index else None,
+            write_back_after=cfg.sync_interval,
         )
         policy = RetentionPolicy(retention_ns=days_to_ns(cfg.retention_days), worm_ns=days_to_ns(cfg.worm_days))
         self.ns = Namespace(self.db, self.files, self.data.new_file_key, policy)
@@ -278,6 +279,7 @@ class Daemon:
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
             "staging_waits": self.data.staging_waits,
+            "open_file_write_backs": self.files.write_backs,
             **self._compression_status(),
             "metadata_shipped_seq": self.replicator.shipped_seq,
             "metadata_commit_seq": self.db.commit_seq,

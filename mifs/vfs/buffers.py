@@ -54,12 +54,13 @@ class DirtyChunk:
     Ranges not covered hold garbage until `fill_uncovered` merges in the chunk's stored bytes.
     """
 
-    __slots__ = ("buf", "covered", "touched")
+    __slots__ = ("buf", "covered", "touched", "dirtied")
 
     def __init__(self, buf: bytearray) -> None:
         self.buf = buf
         self.covered: list[tuple[int, int]] = []
-        self.touched = time.monotonic()
+        self.touched = time.monotonic()  # last write (the pressure sealer takes the oldest)
+        self.dirtied = self.touched  # first write since the chunk was last sealed (write-back age)
 
     def write(self, start: int, data: bytes | memoryview) -> None:
         end = start + len(data)

@@ -74,6 +74,7 @@ class FileData:
         self, db: MetaDb, data: DataPath, committer: Committer, max_dirty_bytes: int,
         wait_uploaded: Callable[[set[ObjectKey]], Awaitable[None]] | None = None,
         changed: trio.MemorySendChannel[InodeId] | None = None, *, sync_close: bool = False,
+        write_back_after: float = 0.0,
     ) -> None:
         """sync_close: close(2) makes the file safe from power loss before it returns, as
         fsync does (--sync-close); otherwise close commits it lightly (safe from a crash of the
@@ -81,7 +82,12 @@ class FileData:
         wait_uploaded: when given, flush and fsync also wait until the file's chunks are in
         the store (--sync-uploads). changed: when given, a file whose content changed is queued
         for indexing in the metadata (in the same commit as the change) and its inode is sent
-        here once its last writer closed it; without it nothing is queued (--no-index)."""
+        here once its last writer closed it; without it nothing is queued (--no-index).
+        write_back_after: data written to a file that stays open is sealed and committed
+        (lightly) once its oldest unsaved chunk is this many seconds old (0: only at close,
+        fsync or memory pressure); see _write_back_aged."""
+        self._write_back_after = write_back_after
+        self.write_backs = 0
         self._changed = changed
         self._headers: dict[InodeId, bytes] = {}  # see take_header
         self._headers_bytes = 0
@@ -105,6 +111,8 @@ class FileData:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._pressure_sealer)
+            if self._write_back_after > 0:
+                nursery.start_soon(self._write_back_aged)
             task_status.started()
             await trio.sleep_forever()
 
@@ -338,6 +346,26 @@ class FileData:
                     self._seal_soon(inode, oi, idx)
             await trio.sleep(0)
 
+    async def _write_back_aged(self) -> None:
+        """Seal and commit (lightly) every open file whose oldest unsaved chunk is older than
+        write_back_after, as the kernel writes back a local file's dirty pages: a file kept
+        open for long without fsync (a database, a log) then loses at most that much to a
+        crash of the daemon (plus what the kernel still holds), not everything since it was
+        opened. A failure is kept for the file's next fsync or close to report."""
+        period = max(self._write_back_after / 2, 0.5)
+        while True:
+            await trio.sleep(period)
+            cutoff = time.monotonic() - self._write_back_after
+            aged = [(i, oi) for i, oi in self.open.items() if any(dc.dirtied <= cutoff for dc in oi.dirty.values())]
+            for inode, oi in aged:
+                try:
+                    await self._flush_inode(inode, oi, durable=False, wait_uploads=False)
+                    self.write_backs += 1
+                except FsError as exc:
+                    if oi.error is None:
+                        log.warning("inode %d: writing back data of an open file failed: %s", inode, exc)
+                        oi.error = exc
+
     # --- flushing -----------------------------------------------------------------------------
 
     async def _seal_all(self, oi: OpenInode) -> None:
@@ -371,7 +399,7 @@ class FileData:
 
     async def _flush_inode(
         self, inode: InodeId, oi: OpenInode, *, commit_anyway: bool = False, durable: bool = True,
-        seal_worm: bool = False,
+        seal_worm: bool = False, wait_uploads: bool = True,
     ) -> None:
         """Seal, stage and commit what this file has written. A reader's close with nothing
         of the file's own to commit costs no commit; commit_anyway (a writer's close, fsync)
@@ -394,7 +422,7 @@ class FileData:
         if target != oi.committed_changes or commit_anyway:
             await self._committer.commit_now(durable=durable)
             oi.committed_changes = max(oi.committed_changes, target)
-        if self._wait_uploaded is not None and oi.staged:
+        if self._wait_uploaded is not None and oi.staged and wait_uploads:
             staged, oi.staged = oi.staged, set()
             await self._wait_uploaded(staged)
 
