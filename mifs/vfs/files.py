@@ -365,6 +365,10 @@ class FileData:
                     if oi.error is None:
                         log.warning("inode %d: writing back data of an open file failed: %s", inode, exc)
                         oi.error = exc
+                except Exception:  # noqa: BLE001 - e.g. the metadata disk full: the file's next flush says so
+                    if oi.error is None:
+                        log.exception("inode %d: writing back data of an open file failed unexpectedly", inode)
+                        oi.error = LocalIOError("writing back the file's data failed")
 
     # --- flushing -----------------------------------------------------------------------------
 
