@@ -101,8 +101,14 @@ class Uploader:
             self._last_staged = trio.current_time()
         self._ready_at[key] = self._last_staged + self._delay if fresh else -math.inf
         self._queued[key] = (size, time.monotonic())
+        was_empty = not self._queue
         self._queue.append(key)
-        self._wakeup.set()
+        # Wake the workers only when this changes what they wait for: work where there was
+        # none, or work due now. A fresh chunk behind others only moves the quiet deadline
+        # later; the workers' timers (the earlier deadline) look again then. Waking every
+        # worker on every staged chunk cost the trio thread ~0.8 ms per file of an ingest.
+        if was_empty or not fresh or self._wait_before_upload() <= 0:
+            self._wakeup.set()
 
     def load_pending(self) -> None:
         """At mount: queue every chunk the database says is not yet in the store."""
@@ -216,8 +222,9 @@ class Uploader:
             wait = self._wait_before_upload()
             if wait <= 0:
                 break
-            # Every enqueue and wait_idle set the event: a new chunk (cache pressure, a new
-            # quiet deadline) or draining makes the workers look again.
+            # enqueue (work due now: cache pressure, older work, expedited chunks) and
+            # wait_idle (draining) set the event; a later quiet deadline needs no wake-up:
+            # this timer, set for the earlier one, looks again.
             if self._wakeup.is_set():
                 self._wakeup = trio.Event()
             with trio.move_on_after(wait):

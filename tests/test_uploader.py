@@ -170,3 +170,33 @@ async def test_expedited_chunks_skip_the_delay_while_writing_goes_on(
         assert rig.in_store() == wanted and rig.uploader.still_pending(wanted) == (0, 0)
         assert rig.uploader.pending_keys() == {rig.staged[-1]}, "the chunk staged after the sync must still wait"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_chunk_staged_behind_others_does_not_wake_every_worker(
+    rig_factory: Callable[..., Rig], mock_clock: trio.testing.MockClock
+) -> None:
+    """During an ingest every closed file stages a chunk: the waiting workers must not all
+    wake up to find that the quiet deadline only moved later (the trio thread's time)."""
+    rig = rig_factory(600.0)
+    looks = 0
+    real = rig.uploader._wait_before_upload
+
+    def counted() -> float:
+        nonlocal looks
+        looks += 1
+        return real()
+
+    rig.uploader._wait_before_upload = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.uploader.run)
+        for _ in range(50):
+            rig.stage()
+            await settle()
+        assert rig.uploaded() == 0 and rig.uploader.statistics().pending_uploads == 50
+        # One look per enqueue plus each worker's first; every worker looking again on every
+        # chunk would be 50 x 2 more.
+        assert looks <= 50 + 2 * 2, looks
+        mock_clock.jump(QUIET_SECONDS)  # writing paused: the workers' timers fire, all go
+        await wait_uploaded(rig, 50)
+        assert rig.in_store() == set(rig.staged)
+        nursery.cancel_scope.cancel()
