@@ -289,6 +289,7 @@ class KeyRotation:
                 self._db.write(
                     "UPDATE inodes SET wrapped_dek = ? WHERE id = ? AND wrapped_dek = ?",
                     (envelope.wrap_data_key(new, self._archive_id, FileId(file_id), dek), inode, wrapped),
+                    inode=inode,
                 )
                 last = inode
             await self._committer.commit_now()

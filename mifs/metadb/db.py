@@ -32,6 +32,9 @@ JournalGroup = tuple[int, list[Statement]]
 """The statements of one committed transaction, with its commit sequence number."""
 
 JOURNAL_MEMORY_LIMIT = 32 * 1024 * 1024
+INODE_ROWS_KEPT = 4096
+"""Inode rows kept in memory (~250 bytes each): a file's ingest reads its row and its
+directories' rows about 14 times (lookup, getattr, setattr, flush, rename)."""
 
 
 class DatabaseTooNew(Exception):
@@ -62,6 +65,7 @@ class MetaDb:
         self._key = key
         self._migrate()
         self._txn_log: list[Statement] = []
+        self._inode_rows: dict[int, Row] = {}  # see inode_row
         self._journal: list[JournalGroup] = []
         self._journal_bytes = 0
         self._journal_overflow = False
@@ -95,7 +99,13 @@ class MetaDb:
             self._conn.execute("BEGIN IMMEDIATE")
             self._in_txn = True
 
-    def _execute_logged(self, sql: str, params: Iterable[Any]) -> Any:
+    def _execute_logged(self, sql: str, params: Iterable[Any], inode: int | None = None) -> Any:
+        # Before executing: a statement that fails half-way must not leave a stale row behind.
+        if "inodes" in sql:
+            if inode is None:
+                self._inode_rows.clear()
+            else:
+                self._inode_rows.pop(inode, None)
         self._begin()
         values = tuple(params)
         cur = self._conn.execute(sql, values)
@@ -105,13 +115,29 @@ class MetaDb:
         self._journal_bytes += len(sql) + sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in values)
         return cur
 
-    def write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """Run one modifying statement inside the open transaction; returns lastrowid."""
-        return int(self._execute_logged(sql, params).lastrowid or 0)
+    def write(self, sql: str, params: Iterable[Any] = (), *, inode: int | None = None) -> int:
+        """Run one modifying statement inside the open transaction; returns lastrowid.
+        inode: the statement changes the inodes table in this row only (else any statement
+        naming the table forgets every kept row; see inode_row)."""
+        return int(self._execute_logged(sql, params, inode).lastrowid or 0)
 
-    def write_count(self, sql: str, params: Iterable[Any] = ()) -> int:
+    def write_count(self, sql: str, params: Iterable[Any] = (), *, inode: int | None = None) -> int:
         """Run one modifying statement; returns the number of rows it changed."""
-        return int(self._execute_logged(sql, params).rowcount)
+        return int(self._execute_logged(sql, params, inode).rowcount)
+
+    def inode_row(self, sql: str, inode: int) -> Row | None:
+        """`one(sql, (inode,))` for the inodes table's row `inode`, kept in memory. Exact as
+        long as every change of the table goes through write/write_count (which forget the
+        rows they may change) and rollback forgets them all: this connection is the
+        database's only writer while it is open (the cache directory's lock)."""
+        row = self._inode_rows.get(inode)
+        if row is None:
+            row = self.one(sql, (inode,))
+            if row is not None:
+                if len(self._inode_rows) >= INODE_ROWS_KEPT:
+                    del self._inode_rows[next(iter(self._inode_rows))]  # the oldest kept
+                self._inode_rows[inode] = row
+        return row
 
     @property
     def dirty(self) -> bool:
@@ -155,6 +181,7 @@ class MetaDb:
                 self._journal_overflow = True
 
     def rollback(self) -> None:
+        self._inode_rows.clear()
         if self._in_txn:
             self._conn.execute("ROLLBACK")
             self._in_txn = False
@@ -225,6 +252,7 @@ class MetaDb:
     def replay(self, groups: list[JournalGroup]) -> int:
         """Apply shipped transactions with sequence numbers after ours, in order, stopping at a
         gap. Returns how many were applied. Not journaled again."""
+        self._inode_rows.clear()
         applied = 0
         for seq, statements in sorted(groups, key=lambda g: g[0]):
             if seq <= self.commit_seq:

@@ -43,7 +43,7 @@ def mark_sealed(db: MetaDb, inode: InodeId, now_ns: int) -> bool:
     call sealed the file (False: it was sealed already)."""
     if db.scalar("SELECT sealed_ns FROM inodes WHERE id = ?", (inode,)) is not None:
         return False  # no write: a close of a sealed file costs no commit
-    return db.write_count("UPDATE inodes SET sealed_ns = ? WHERE id = ? AND sealed_ns IS NULL", (now_ns, inode)) > 0
+    return db.write_count("UPDATE inodes SET sealed_ns = ? WHERE id = ? AND sealed_ns IS NULL", (now_ns, inode), inode=inode) > 0
 
 
 # --- retained (deleted, recoverable) files -----------------------------------------------------
@@ -111,7 +111,7 @@ def restore(db: MetaDb, inode: InodeId, parent: InodeId, name: bytes, now_ns: in
     indexing (its index row went at deletion)."""
     db.write("DELETE FROM retained WHERE inode = ?", (inode,))
     db.write("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, inode))
-    db.write("UPDATE inodes SET nlink = 1, ctime_ns = ? WHERE id = ?", (now_ns, inode))
+    db.write("UPDATE inodes SET nlink = 1, ctime_ns = ? WHERE id = ?", (now_ns, inode), inode=inode)
     db.write(
         "INSERT INTO index_queue (inode, seq, fetch) VALUES (?, 0, 1) "
         "ON CONFLICT (inode) DO UPDATE SET seq = seq + 1, fetch = 1, deferred = 0",

@@ -68,8 +68,13 @@ def set_meta(db: MetaDb, key: str, value: bytes) -> None:
 # --- inodes ------------------------------------------------------------------------------------
 
 
+_GET_INODE = f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?"
+
+
 def get_inode(db: MetaDb, inode: InodeId) -> InodeRow | None:
-    row = db.one(f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?", (inode,))
+    """A fresh InodeRow (the caller may change it and save it), from the rows the database
+    keeps in memory (MetaDb.inode_row)."""
+    row = db.inode_row(_GET_INODE, inode)
     return InodeRow.from_row(row) if row else None
 
 
@@ -82,7 +87,8 @@ def insert_inode(db: MetaDb, row: InodeRow, *, with_id: bool = False) -> InodeId
     if with_id:
         values = (row.id, *values)
     marks = ", ".join("?" * len(values))
-    return InodeId(db.write(f"INSERT INTO inodes ({cols}) VALUES ({marks})", values))
+    # A new row changes no kept one; with_id (a restore) may replace one: forget it.
+    return InodeId(db.write(f"INSERT INTO inodes ({cols}) VALUES ({marks})", values, inode=row.id if with_id else 0))
 
 
 def save_inode_attrs(db: MetaDb, row: InodeRow) -> None:
@@ -90,20 +96,24 @@ def save_inode_attrs(db: MetaDb, row: InodeRow) -> None:
     db.write(
         "UPDATE inodes SET mode=?, uid=?, gid=?, nlink=?, size=?, atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=?",
         (row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns, row.id),
+        inode=row.id,
     )
 
 
 def take_generations(db: MetaDb, inode: InodeId, count: int = 1) -> int:
     """Reserve `count` chunk generations for an inode; returns the first. Never reused."""
-    first = db.scalar("SELECT next_gen FROM inodes WHERE id = ?", (inode,))
-    db.write("UPDATE inodes SET next_gen = next_gen + ? WHERE id = ?", (count, inode))
-    return int(first)
+    row = db.inode_row(_GET_INODE, inode)
+    if row is None:
+        raise KeyError(f"inode {inode} does not exist")
+    db.write("UPDATE inodes SET next_gen = next_gen + ? WHERE id = ?", (count, inode), inode=inode)
+    return int(row[12])  # next_gen
 
 
 def delete_inode(db: MetaDb, inode: InodeId) -> None:
     """Remove an inode with its xattrs; its chunk objects become garbage. A file's wrapped
     data key goes with the row: counted in meta 'keys_destroyed' (see metadb/retention.py)."""
-    if db.one("SELECT 1 FROM inodes WHERE id = ? AND wrapped_dek IS NOT NULL", (inode,)) is not None:
+    row = db.inode_row(_GET_INODE, inode)
+    if row is not None and row[11] is not None:  # wrapped_dek
         db.write(
             "INSERT INTO meta (key, value) VALUES ('keys_destroyed', 1) "
             "ON CONFLICT (key) DO UPDATE SET value = coalesce(value, 0) + 1"
@@ -114,7 +124,7 @@ def delete_inode(db: MetaDb, inode: InodeId) -> None:
     db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
     db.write("DELETE FROM dicom_instances WHERE inode = ?", (inode,))
     db.write("DELETE FROM index_queue WHERE inode = ?", (inode,))
-    db.write("DELETE FROM inodes WHERE id = ?", (inode,))
+    db.write("DELETE FROM inodes WHERE id = ?", (inode,), inode=inode)
 
 
 def orphan_inodes(db: MetaDb) -> list[InodeId]:
