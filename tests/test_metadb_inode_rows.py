@@ -50,7 +50,9 @@ def test_reads_follow_every_write(db: MetaDb) -> None:
     # A statement naming the table without saying which row: every kept row is forgotten.
     db.write("UPDATE inodes SET size = size + 1")
     assert tables.get_inode(db, inode).size == 100  # type: ignore[union-attr]
-    retention.mark_sealed(db, inode, 5)
+    assert retention.sealed_at(db, inode) is None
+    assert retention.mark_sealed(db, inode, 5)
+    assert retention.sealed_at(db, inode) == 5 and not retention.mark_sealed(db, inode, 6)
     tables.delete_inode(db, inode)
     assert tables.get_inode(db, inode) is None and _on_disk(db, inode) is None
 

@@ -34,14 +34,13 @@ class RetainedRow:
 
 
 def sealed_at(db: MetaDb, inode: InodeId) -> int | None:
-    value = db.scalar("SELECT sealed_ns FROM inodes WHERE id = ?", (inode,))
-    return int(value) if value is not None else None
+    return tables.inode_sealed_ns(db, inode)
 
 
 def mark_sealed(db: MetaDb, inode: InodeId, now_ns: int) -> bool:
     """Record the first close after writing (only the first one counts); True when this
     call sealed the file (False: it was sealed already)."""
-    if db.scalar("SELECT sealed_ns FROM inodes WHERE id = ?", (inode,)) is not None:
+    if tables.inode_sealed_ns(db, inode) is not None:
         return False  # no write: a close of a sealed file costs no commit
     return db.write_count("UPDATE inodes SET sealed_ns = ? WHERE id = ? AND sealed_ns IS NULL", (now_ns, inode), inode=inode) > 0
 

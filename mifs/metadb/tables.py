@@ -68,7 +68,8 @@ def set_meta(db: MetaDb, key: str, value: bytes) -> None:
 # --- inodes ------------------------------------------------------------------------------------
 
 
-_GET_INODE = f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?"
+_GET_INODE = f"SELECT {_INODE_COLS}, sealed_ns FROM inodes WHERE id = ?"
+_SEALED_NS = 14  # the column after InodeRow's: read by retention (WORM), not kept in InodeRow
 
 
 def get_inode(db: MetaDb, inode: InodeId) -> InodeRow | None:
@@ -76,6 +77,12 @@ def get_inode(db: MetaDb, inode: InodeId) -> InodeRow | None:
     keeps in memory (MetaDb.inode_row)."""
     row = db.inode_row(_GET_INODE, inode)
     return InodeRow.from_row(row) if row else None
+
+
+def inode_sealed_ns(db: MetaDb, inode: InodeId) -> int | None:
+    """When the file was first closed after writing (WORM age), None if never or no inode."""
+    row = db.inode_row(_GET_INODE, inode)
+    return int(row[_SEALED_NS]) if row is not None and row[_SEALED_NS] is not None else None
 
 
 def insert_inode(db: MetaDb, row: InodeRow, *, with_id: bool = False) -> InodeId:
