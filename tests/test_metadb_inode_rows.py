@@ -57,6 +57,23 @@ def test_reads_follow_every_write(db: MetaDb) -> None:
     assert tables.get_inode(db, inode) is None and _on_disk(db, inode) is None
 
 
+def test_a_row_kept_after_a_write_is_what_the_database_holds(db: MetaDb) -> None:
+    """save_inode_attrs and take_generations keep the row they wrote instead of reading it
+    again: it must be column for column what a SELECT returns."""
+    inode = _new_file(db)
+    tables.get_inode(db, inode)
+    row = tables.get_inode(db, inode)
+    assert row is not None
+    row.mode, row.uid, row.gid, row.nlink, row.size = S_IFREG | 0o600, 7, 8, 2, 12345
+    row.atime_ns, row.mtime_ns, row.ctime_ns = 11, 22, 33
+    tables.save_inode_attrs(db, row)
+    tables.take_generations(db, inode, 2)
+    kept = db.kept_inode_row(inode)
+    assert kept is not None
+    db._inode_rows.clear()
+    assert kept == db.inode_row(tables._GET_INODE, inode)
+
+
 def test_a_rollback_forgets_what_the_transaction_wrote(db: MetaDb) -> None:
     inode = _new_file(db)
     db.commit()

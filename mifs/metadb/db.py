@@ -125,6 +125,17 @@ class MetaDb:
         """Run one modifying statement; returns the number of rows it changed."""
         return int(self._execute_logged(sql, params, inode).rowcount)
 
+    def kept_inode_row(self, inode: int) -> Row | None:
+        """The row inode_row keeps for `inode`, without reading the database."""
+        return self._inode_rows.get(inode)
+
+    def keep_inode_row(self, inode: int, row: Row) -> None:
+        """After a write of `inode`'s row (write(..., inode=inode) forgot it): the row as that
+        write left it, which the caller knows exactly, so the next read needs no SELECT."""
+        if len(self._inode_rows) >= INODE_ROWS_KEPT:
+            del self._inode_rows[next(iter(self._inode_rows))]
+        self._inode_rows[inode] = row
+
     def inode_row(self, sql: str, inode: int) -> Row | None:
         """`one(sql, (inode,))` for the inodes table's row `inode`, kept in memory. Exact as
         long as every change of the table goes through write/write_count (which forget the

@@ -100,11 +100,15 @@ def insert_inode(db: MetaDb, row: InodeRow, *, with_id: bool = False) -> InodeId
 
 def save_inode_attrs(db: MetaDb, row: InodeRow) -> None:
     """Persist the mutable attributes of an inode (not its key or content map)."""
+    kept = db.kept_inode_row(row.id)
+    attrs = (row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns)
     db.write(
         "UPDATE inodes SET mode=?, uid=?, gid=?, nlink=?, size=?, atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=?",
-        (row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns, row.mtime_ns, row.ctime_ns, row.id),
+        (*attrs, row.id),
         inode=row.id,
     )
+    if kept is not None:  # the columns after ctime_ns are untouched by this statement
+        db.keep_inode_row(row.id, (kept[0], *(int(v) for v in attrs), *kept[9:]))
 
 
 def take_generations(db: MetaDb, inode: InodeId, count: int = 1) -> int:
@@ -113,7 +117,9 @@ def take_generations(db: MetaDb, inode: InodeId, count: int = 1) -> int:
     if row is None:
         raise KeyError(f"inode {inode} does not exist")
     db.write("UPDATE inodes SET next_gen = next_gen + ? WHERE id = ?", (count, inode), inode=inode)
-    return int(row[12])  # next_gen
+    first = int(row[12])  # next_gen
+    db.keep_inode_row(inode, (*row[:12], first + count, *row[13:]))
+    return first
 
 
 def delete_inode(db: MetaDb, inode: InodeId) -> None:
