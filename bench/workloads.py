@@ -152,6 +152,9 @@ class StudyIngest(WriteWorkload):
         Metric("total_seconds", "ingest+drain s", False, 2),
         Metric("peak_rss_mib", "daemon peak RSS MiB", False, 0),
         Metric("cpu_seconds", "daemon CPU s (writes+drain)", False, 2),
+        # Steadier than files/s on a shared machine: other tenants stretch the wall clock,
+        # much less the CPU the daemon spends per file (compare builds by this).
+        Metric("cpu_ms_per_file", "daemon CPU ms/file (writes)", False, 2),
         Metric("client_cpu_seconds", "client CPU s (writes)", False, 2),
         Metric("server_cpu_seconds", "S3 server CPU s (writes)", False, 2),
         Metric("other_cpu_seconds", "other CPU s (writes, noise)", False, 2),
@@ -176,6 +179,8 @@ class StudyIngest(WriteWorkload):
             **run.whole,
             **run.cpu.metrics(run.during.get("cpu_seconds")),
         }
+        if "cpu_seconds" in run.during and run.timing.files:
+            metrics["cpu_ms_per_file"] = run.during["cpu_seconds"] * 1000 / run.timing.files
         return Sample(system.name, self.name, repeat, metrics, run.info)
 
     def profile(self, system: System, output: Path) -> dict[str, Any] | None:
