@@ -130,24 +130,23 @@ class MetaDb:
         return self._inode_rows.get(inode)
 
     def keep_inode_row(self, inode: int, row: Row) -> None:
-        """After a write of `inode`'s row (write(..., inode=inode) forgot it): the row as that
-        write left it, which the caller knows exactly, so the next read needs no SELECT."""
+        """Keep `row` as inode `inode`'s: as read, or as a write the caller made left it
+        (write(..., inode=inode) forgot the old one), so the next read needs no SELECT."""
         if len(self._inode_rows) >= INODE_ROWS_KEPT:
-            del self._inode_rows[next(iter(self._inode_rows))]
+            del self._inode_rows[next(iter(self._inode_rows))]  # the oldest kept
         self._inode_rows[inode] = row
 
     def inode_row(self, sql: str, inode: int) -> Row | None:
-        """`one(sql, (inode,))` for the inodes table's row `inode`, kept in memory. Exact as
-        long as every change of the table goes through write/write_count (which forget the
-        rows they may change) and rollback forgets them all: this connection is the
-        database's only writer while it is open (the cache directory's lock)."""
+        """`one(sql, (inode,))` for the inodes table's row `inode`, kept in memory; every
+        caller passes the same statement (tables' one read of an inode row). Exact as long as
+        every change of the table goes through write/write_count (which forget the rows they
+        may change) and rollback forgets them all: this connection is the database's only
+        writer while it is open (the cache directory's lock)."""
         row = self._inode_rows.get(inode)
         if row is None:
             row = self.one(sql, (inode,))
             if row is not None:
-                if len(self._inode_rows) >= INODE_ROWS_KEPT:
-                    del self._inode_rows[next(iter(self._inode_rows))]  # the oldest kept
-                self._inode_rows[inode] = row
+                self.keep_inode_row(inode, row)
         return row
 
     @property
