@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict[str, Any]]
 UnmountFn = Callable[[bool], Awaitable[str | None]]
-"""A request handler: gets the request and sends its replies (progress lines, then a final one)."""
+"""Starts the unmount (wait: for uploads first); why it cannot, or None once it is under way."""
 Peer = tuple[int, int, int]
 """(pid, uid, gid) of the process at the other end of the socket (SO_PEERCRED)."""
 OnRequest = Callable[[str, dict[str, Any], Peer | None], None]

@@ -16,7 +16,6 @@ from mifs.metadb.db import MetaDb
 from mifs.types import InodeId
 
 
-
 def query_from_request(request: dict[str, Any]) -> verify.Query:
     """The filters of a query request; ValueError with a message for a bad one."""
     def time_of(key: str) -> str | None:

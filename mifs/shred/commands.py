@@ -14,7 +14,6 @@ from mifs.shred.service import KIND_USAGE, Shredder, ShredRefused
 from mifs.types import InodeId
 
 
-
 class ShredCommands:
     def __init__(self, shredder: Shredder, retention_ns: int, read_only: Callable[[], bool]) -> None:
         self._shredder = shredder

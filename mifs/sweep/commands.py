@@ -14,7 +14,6 @@ from mifs.errors import StorePermissionDenied, StoreUnavailable
 from mifs.sweep.service import OrphanSweeper, RegistrationRefused
 
 
-
 class SweepCommands:
     def __init__(self, sweeper: OrphanSweeper, read_only: Callable[[], bool], grace: float) -> None:
         self._sweeper = sweeper
