@@ -209,6 +209,81 @@ async def test_get_then_runs_the_continuation_on_the_object(store: ObjectStore) 
         await store.get_then(_key("data/ab/absent"), lambda blob: blob)
 
 
+PACK_SIZE = 70_000
+"""A pack object's size in the ranged-read tests: several chunks of a few KiB back to back."""
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "expected"),
+    [
+        (30_000, 4096, (30_000, 34_096)),  # in the middle
+        (0, 4096, (0, 4096)),  # at the very start
+        (PACK_SIZE - 4096, 4096, (PACK_SIZE - 4096, PACK_SIZE)),  # ending exactly at the end
+        (0, PACK_SIZE, (0, PACK_SIZE)),  # the whole object
+        (PACK_SIZE - 100, 4096, (PACK_SIZE - 100, PACK_SIZE)),  # running past the end: short
+        (PACK_SIZE - 1, 1, (PACK_SIZE - 1, PACK_SIZE)),  # the last byte
+        (PACK_SIZE, 10, (0, 0)),  # starting right at the end: nothing
+        (PACK_SIZE + 5000, 10, (0, 0)),  # starting past the end: nothing
+    ],
+    ids=["middle", "start", "to-the-end", "whole", "past-the-end", "last-byte", "at-the-end", "beyond-the-end"],
+)
+async def test_get_range_then_reads_the_asked_bytes(
+    store: ObjectStore, offset: int, length: int, expected: tuple[int, int]
+) -> None:
+    key = _key("data/ab/pack")
+    data = os.urandom(PACK_SIZE)
+    await store.put(key, data)
+    got = await store.get_range_then(key, offset, length, lambda blob: blob)
+    assert got == data[expected[0] : expected[1]]
+    assert len(got) == expected[1] - expected[0]
+
+
+async def test_get_range_then_runs_the_continuation_once_and_lets_its_errors_through(store: ObjectStore) -> None:
+    key = _key("data/ab/pack")
+    await store.put(key, _data(10_000, seed=5))
+    seen: list[bytes] = []
+
+    def count(blob: bytes) -> int:
+        seen.append(blob)
+        return len(blob)
+
+    assert await store.get_range_then(key, 256, 3, count) == 3
+    assert seen == [_data(3, seed=5)]
+
+    class Refused(Exception):
+        pass
+
+    def refuse(blob: bytes) -> bytes:
+        raise Refused(len(blob))
+
+    with pytest.raises(Refused):
+        await store.get_range_then(key, 0, 10, refuse)
+
+
+async def test_get_range_then_of_a_missing_object(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        await store.get_range_then(_key("data/ab/absent"), 0, 10, lambda blob: blob)
+    with pytest.raises(ObjectNotFound):
+        await store.get_range_then(_key("data/ab/absent"), 1_000_000, 10, lambda blob: blob)
+    await store.put(_key("data/ab/0001"), b"x")
+    with pytest.raises(ObjectNotFound):  # a prefix of other keys is no object either
+        await store.get_range_then(_key("data/ab"), 0, 10, lambda blob: blob)
+
+
+async def test_get_range_then_of_an_empty_object_is_empty(store: ObjectStore) -> None:
+    key = _key("data/ab/empty")
+    await store.put(key, b"")
+    assert await store.get_range_then(key, 0, 10, lambda blob: blob) == b""
+
+
+@pytest.mark.parametrize(("offset", "length"), [(-1, 10), (0, 0), (5, -3)])
+async def test_get_range_then_refuses_ranges_no_caller_means(store: ObjectStore, offset: int, length: int) -> None:
+    key = _key("data/ab/pack")
+    await store.put(key, b"0123456789")
+    with pytest.raises(ValueError):
+        await store.get_range_then(key, offset, length, lambda blob: blob)
+
+
 async def test_exists(store: ObjectStore) -> None:
     key = _key("data/04/here")
     assert await store.exists(key) is False
@@ -313,6 +388,8 @@ async def test_invalid_keys_rejected(store: ObjectStore, bad: str) -> None:
         await store.put_if_absent(raw, b"x")
     with pytest.raises(ValueError):
         await store.get(raw)
+    with pytest.raises(ValueError):
+        await store.get_range_then(raw, 0, 1, lambda blob: blob)
     with pytest.raises(ValueError):
         await store.exists(raw)
     with pytest.raises(ValueError):

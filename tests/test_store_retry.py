@@ -89,6 +89,11 @@ class ScriptedStore:
     async def get_then(self, key: ObjectKey, then: Any) -> Any:
         return then(await self.get(key))
 
+    async def get_range_then(self, key: ObjectKey, offset: int, length: int, then: Any) -> Any:
+        result = await self._op("get_range", lambda: self._get(key)[offset : offset + length])
+        assert isinstance(result, bytes)
+        return then(result)
+
     async def delete(self, key: ObjectKey) -> None:
         await self._op("delete", lambda: self.objects.pop(key, None))
 
@@ -126,7 +131,7 @@ async def test_transient_failures_are_retried_until_success(autojump_clock: trio
     assert stats.last_error == "StoreUnavailable: transient failure 1"
 
 
-@pytest.mark.parametrize("op", ["put", "put_if_absent", "get", "delete", "exists", "list"])
+@pytest.mark.parametrize("op", ["put", "put_if_absent", "get", "get_range", "delete", "exists", "list"])
 async def test_every_operation_is_retried(op: str, autojump_clock: trio.testing.MockClock) -> None:
     inner = ScriptedStore()
     inner.objects[K] = b"present"
@@ -136,12 +141,16 @@ async def test_every_operation_is_retried(op: str, autojump_clock: trio.testing.
         "put": lambda: store.put(K, b"new"),
         "put_if_absent": lambda: store.put_if_absent(check_key("data/cd/new"), b"new"),
         "get": lambda: store.get(K),
+        "get_range": lambda: store.get_range_then(K, 2, 4, bytes),
         "delete": lambda: store.delete(K),
         "exists": lambda: store.exists(K),
         "list": lambda: store.list("data/"),
     }
     result = await calls[op]()
-    expected = {"put": None, "put_if_absent": True, "get": b"present", "delete": None, "exists": True, "list": [K]}
+    expected = {
+        "put": None, "put_if_absent": True, "get": b"present", "get_range": b"esen", "delete": None, "exists": True,
+        "list": [K],
+    }
     assert result == expected[op]
     assert [name for name, _ in inner.calls] == [op] * 3
     assert store.statistics().retries == 2
@@ -155,6 +164,42 @@ async def test_get_then_retries_the_read_and_runs_the_continuation_once(autojump
     calls: list[bytes] = []
     assert await store.get_then(K, lambda blob: calls.append(blob) or len(blob)) == 7
     assert calls == [b"payload"]
+
+
+async def test_get_range_then_retries_the_read_and_runs_the_continuation_once(autojump_clock: trio.testing.MockClock) -> None:
+    inner = ScriptedStore()
+    store = RetryingStore(inner, max_attempts=5, base_delay=0.5, max_delay=4)
+    await store.put(K, b"payload")
+    inner.fail("get_range", *unavailable(2))
+    calls: list[bytes] = []
+
+    def count(blob: bytes) -> int:
+        calls.append(blob)
+        return len(blob)
+
+    assert await store.get_range_then(K, 1, 3, count) == 3
+    assert calls == [b"ayl"]
+    assert [name for name, _ in inner.calls] == ["put"] + ["get_range"] * 3
+    assert stats_tuple(store.statistics()) == (4, 2, 2, 0, 0)
+
+
+async def test_get_range_then_continuation_errors_are_not_retried() -> None:
+    inner = ScriptedStore()
+    store = RetryingStore(inner, max_attempts=5, base_delay=0)
+    await store.put(K, b"payload")
+
+    class Refused(Exception):
+        pass
+
+    def refuse(blob: bytes) -> bytes:
+        raise Refused(blob)
+
+    with pytest.raises(Refused):
+        await store.get_range_then(K, 0, 3, refuse)
+    with pytest.raises(ObjectNotFound):  # an answer, not retried either
+        await store.get_range_then(check_key("data/ab/absent"), 0, 3, bytes)
+    assert [name for name, _ in inner.calls] == ["put", "get_range", "get_range"]
+    assert store.statistics().retries == 0
 
 
 async def test_object_not_found_is_an_answer_not_retried() -> None:
@@ -471,6 +516,36 @@ async def test_s3_put_if_absent_with_lost_reply(s3_server: SeaweedS3, proxy: Fau
     assert await store.put_if_absent(wrapped_key, b"descriptor") is True
     assert proxy.counts()["drop_after"] == 2  # one per plan
     assert await store.put_if_absent(wrapped_key, b"descriptor") is False  # and later it exists
+    await store.aclose()
+
+
+async def test_s3_ranged_reads_through_faults_are_byte_exact(s3_server: SeaweedS3, proxy: FaultProxy) -> None:
+    """Ranged reads of one pack object through 5xx answers, dropped and truncated answers: every
+    read returns exactly its range, and each continuation ran once."""
+    inner = proxied_s3(s3_server, proxy, s3_server.unique_prefix("ranges"))
+    store = RetryingStore(inner, max_attempts=8, base_delay=0.01, max_delay=0.1)
+    rng = random.Random(7)
+    pack = rng.randbytes(1_000_000)
+    await store.put(K, pack)
+    proxy.set_plan(
+        FaultPlan(
+            error_500=0.15, drop_before=0.1, drop_after=0.1, truncate=0.15, seed=20240612, max_consecutive=3,
+            methods=frozenset({"GET"}),
+        )
+    )
+    ranges = [(rng.randrange(0, 1_050_000), rng.randrange(1, 120_000)) for _ in range(40)] + [(0, 1), (999_999, 10)]
+    seen: list[int] = []
+
+    def keep(blob: bytes) -> bytes:
+        seen.append(len(blob))
+        return blob
+
+    for offset, length in ranges:
+        assert await store.get_range_then(K, offset, length, keep) == pack[offset : offset + length], (offset, length)
+    assert seen == [len(pack[o : o + n]) for o, n in ranges]  # once per read
+    stats = store.statistics()
+    assert proxy.failures_injected > 0 and stats.transient_failures == proxy.failures_injected, (stats, proxy.counts())
+    assert stats.exhausted == 0 and stats.permanent_failures == 0
     await store.aclose()
 
 

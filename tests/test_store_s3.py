@@ -430,6 +430,82 @@ async def test_read_timeout_is_transient_and_bounded(s3_server: SeaweedS3, bucke
         await store.aclose()
 
 
+# --- ranged reads ----------------------------------------------------------------------------------
+# The conformance suite (test_store_localdir.py) covers ranged reads on the direct path; here both
+# GET paths, told apart by a fault that only a presigned (direct) GET can meet.
+
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+
+
+def _use_get_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make the next S3Store do its GETs directly or through boto3. A proxy in the environment
+    is what sends GETs through boto3 (it handles proxies); NO_PROXY keeps boto3 off that proxy,
+    whose port nothing listens on."""
+    for name in _PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    if path == "boto3":
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.mark.parametrize("path", ["direct", "boto3"])
+async def test_ranged_reads_on_both_get_paths(
+    s3_server: SeaweedS3, bucket: str, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    _use_get_path(monkeypatch, path)
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        store = S3Store(bucket, s3_server.unique_prefix(), options(s3_server, endpoint_url=proxy.endpoint_url))
+        data = os.urandom(200_000)
+        await store.put(K, data)
+        await store.put(check_key("data/00/empty"), b"")
+        # One 500 for the first presigned GET: only the direct path meets it.
+        proxy.set_plan(FaultPlan(error_500=1.0, max_faults=1, methods=frozenset({"GET"}), query_contains="X-Amz-Signature="))
+        if path == "direct":
+            with pytest.raises(StoreUnavailable, match="InternalError"):
+                await store.get_range_then(K, 0, 10, bytes)
+        cases = [
+            (70_000, 50_000, data[70_000:120_000]),  # middle
+            (0, 4096, data[:4096]),  # start
+            (200_000 - 4096, 4096, data[-4096:]),  # ending exactly at the end
+            (199_000, 4096, data[199_000:]),  # running past the end: the 1000 bytes there are
+            (200_000, 10, b""),  # starting at the end
+            (300_000, 10, b""),  # starting past the end (416 InvalidRange)
+        ]
+        for offset, length, expected in cases:
+            assert await store.get_range_then(K, offset, length, bytes) == expected, (offset, length)
+        assert await store.get_range_then(check_key("data/00/empty"), 0, 10, bytes) == b""
+        for offset in (0, 300_000):
+            with pytest.raises(ObjectNotFound):
+                await store.get_range_then(check_key("data/00/missing"), offset, 10, bytes)
+        assert proxy.counts()["error_500"] == (1 if path == "direct" else 0)
+        await store.aclose()
+
+
+async def test_truncated_ranged_answer_is_incomplete_and_retried(s3_server: SeaweedS3, bucket: str) -> None:
+    """The Content-Length check holds for 206 answers: a range cut short is a transient failure,
+    never a short read the caller would take for the end of the object."""
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        inner = S3Store(bucket, s3_server.unique_prefix(), options(s3_server, endpoint_url=proxy.endpoint_url))
+        data = os.urandom(400_000)
+        await inner.put(K, data)
+        proxy.set_plan(FaultPlan(truncate=1.0, max_faults=1, methods=frozenset({"GET"})))
+        with pytest.raises(StoreUnavailable, match="incomplete"):
+            await inner.get_range_then(K, 100_000, 250_000, bytes)
+        reads: list[int] = []
+
+        def keep(blob: bytes) -> bytes:
+            reads.append(len(blob))
+            return blob
+
+        retrying = RetryingStore(inner, max_attempts=3, base_delay=0)
+        proxy.set_plan(FaultPlan(truncate=1.0, max_faults=1, methods=frozenset({"GET"})))
+        got = await retrying.get_range_then(K, 100_000, 250_000, keep)
+        assert got == data[100_000:350_000]
+        assert reads == [250_000]  # the continuation ran once, on the complete range
+        assert proxy.counts()["truncate"] == 2 and retrying.statistics().retries == 1
+        await inner.aclose()
+
+
 # --- outages --------------------------------------------------------------------------------------
 
 

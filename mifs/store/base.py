@@ -24,6 +24,12 @@ def check_key(key: str) -> ObjectKey:
     return ObjectKey(key)
 
 
+def check_range(offset: int, length: int) -> None:
+    """Reject a range no caller means: every backend fails the same way on it, before any I/O."""
+    if offset < 0 or length < 1:
+        raise ValueError("a byte range needs offset >= 0 and length >= 1")
+
+
 T = TypeVar("T")
 
 
@@ -51,6 +57,15 @@ class ObjectStore(Protocol):
         """then(the object's bytes), called in the same worker thread as the read, and its
         result: saves a thread hop per object on hot paths. Whatever `then` raises passes
         through untouched (and is never retried); the store does not look at its result."""
+        ...
+
+    async def get_range_then(self, key: ObjectKey, offset: int, length: int, then: Callable[[bytes], T]) -> T:
+        """then(bytes offset .. offset+length-1 of the object), called in the same worker
+        thread as the read, and its result. ObjectNotFound if there is no object. An object
+        shorter than offset+length gives the bytes it has in that range (possibly b""): the
+        caller authenticates what it reads, so a short object fails there. Whatever `then`
+        raises passes through untouched (and is never retried). ValueError unless
+        offset >= 0 and length >= 1."""
         ...
 
     async def delete(self, key: ObjectKey) -> None:

@@ -17,7 +17,7 @@ import trio
 
 from mifs.localfs import fdatasync_path, fsync_dir
 from mifs.errors import ObjectNotFound, StoreNotFound, StoreUnavailable
-from mifs.store.base import check_key
+from mifs.store.base import check_key, check_range
 from mifs.types import ObjectKey
 
 T = TypeVar("T")
@@ -159,6 +159,38 @@ class LocalDirStore:
 
     async def get_then(self, key: ObjectKey, then: Callable[[bytes], T]) -> T:
         return await trio.to_thread.run_sync(lambda: then(self._get_sync(key)), limiter=self._limiter)
+
+    def _get_range_sync(self, key: ObjectKey, offset: int, length: int) -> bytes:
+        """pread until `length` bytes or the end of the file: one short read is not the end
+        of a regular file on every filesystem (network ones may split a read)."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"object {key} is not in the store") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read object {key}: {exc.strerror}") from None
+        try:
+            parts: list[bytes] = []
+            got = 0
+            while got < length:
+                part = os.pread(fd, length - got, offset + got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
+        except IsADirectoryError:  # open() of a directory succeeds, reading it does not
+            raise ObjectNotFound(f"object {key} is not in the store") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read object {key}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    async def get_range_then(self, key: ObjectKey, offset: int, length: int, then: Callable[[bytes], T]) -> T:
+        check_range(offset, length)
+        return await trio.to_thread.run_sync(
+            lambda: then(self._get_range_sync(key, offset, length)), limiter=self._limiter
+        )
 
     def _delete_sync(self, key: ObjectKey) -> None:
         try:

@@ -191,6 +191,10 @@ class RetryingStore:
         """Only the read is retried: `then` runs once per successful read."""
         return await self._retry("get", key, lambda: self.inner.get_then(key, then))
 
+    async def get_range_then(self, key: ObjectKey, offset: int, length: int, then: Callable[[bytes], _T]) -> _T:
+        """Only the read is retried: `then` runs once per successful read."""
+        return await self._retry("get_range", key, lambda: self.inner.get_range_then(key, offset, length, then))
+
     async def delete(self, key: ObjectKey) -> None:
         await self._retry("delete", key, lambda: self.inner.delete(key))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
@@ -33,7 +34,7 @@ from botocore.config import Config
 from botocore.httpsession import get_cert_path
 
 from mifs.errors import MifsError, ObjectNotFound, StorePermissionDenied, StoreUnavailable
-from mifs.store.base import check_key
+from mifs.store.base import check_key, check_range
 from mifs.store.s3_direct import ConnectFailed, Credentials, DirectClient, Reply
 from mifs.types import ObjectKey
 
@@ -71,6 +72,10 @@ _TRANSIENT = frozenset(
         "IncompleteBody",  # the connection broke while sending the body
     }
 )
+_RANGE_STATUSES = frozenset({200, 206, 416})
+"""What a ranged GET may answer: the whole object (a server that ignores Range), the range,
+or Range Not Satisfiable (the range starts past the end)."""
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(?:\d+|\*)")
 _PERMISSION_MESSAGES = {
     "AccessDenied": "access denied to bucket {bucket}",
     "AllAccessDisabled": "all access to bucket {bucket} is disabled",
@@ -358,6 +363,34 @@ class S3Store:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
         return reply.body
 
+    def _direct_get_range_sync(self, key: ObjectKey, offset: int, length: int, what: str) -> bytes:
+        """A ranged GET through a URL signed here; the Content-Length check holds for a 206
+        as for a 200 (it is the length of the body sent, whichever part of the object)."""
+        client = self._direct
+        assert client is not None
+        reply = self._direct_call(
+            what, "GetObject", lambda: client.get_range(self._object_name(key), offset, length), ok=_RANGE_STATUSES
+        )
+        if reply.status == 416:
+            return b""
+        if reply.content_length is not None and reply.content_length != len(reply.body):
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object")
+        return self._range_of_reply(what, reply.status, reply.body, reply.content_range, offset, length)
+
+    def _range_of_reply(
+        self, what: str, status: int, body: bytes, content_range: str | None, offset: int, length: int
+    ) -> bytes:
+        """The asked bytes of a ranged GET's answer. A 200 is the whole object (the server
+        ignored Range): sliced here. A 206 must say it starts at `offset` and be no longer than
+        asked; anything else (a proxy serving another range) is refused as a transient fault
+        here, rather than surfacing later as an authentication failure, which is final."""
+        if status == 200:
+            return body[offset : offset + length]
+        match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+        if match is None or int(match.group(1)) != offset or len(body) > length:
+            raise StoreUnavailable(f"{what}: S3 at {self.endpoint} answered another byte range than asked")
+        return body
+
     def _direct_put_sync(self, key: ObjectKey, data: bytes, what: str) -> None:
         """PUT through a URL signed here, with a signed Content-MD5 (the server refuses a
         damaged body with BadDigest, which is transient: the retry wrapper sends it again).
@@ -366,8 +399,11 @@ class S3Store:
         assert client is not None
         self._direct_call(what, "PutObject", lambda: client.put(self._object_name(key), data))
 
-    def _direct_call(self, what: str, operation: str, request: Callable[[], Reply]) -> Reply:
-        """One direct request; a non-2xx answer or a transport failure becomes a mifs error."""
+    def _direct_call(
+        self, what: str, operation: str, request: Callable[[], Reply], ok: frozenset[int] = frozenset({200})
+    ) -> Reply:
+        """One direct request; an answer whose status is not in `ok`, or a transport failure,
+        becomes a mifs error."""
         try:
             reply = request()
         except ConnectFailed as exc:
@@ -382,7 +418,7 @@ class S3Store:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} sent an incomplete object") from None
         except (http.client.HTTPException, OSError) as exc:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
-        if reply.status != 200:
+        if reply.status not in ok:
             code, message = _error_code(reply.body)
             if not code and reply.status in (301, 307):
                 code = str(reply.status)
@@ -427,6 +463,10 @@ class S3Store:
         if self._direct_setup() is not None:
             return self._direct_get_sync(key, what)
         reply = self._call(what, self._client.get_object, Key=self._object_name(key))
+        return self._read_body(reply, what)
+
+    def _read_body(self, reply: Any, what: str) -> bytes:
+        """The body of a boto3 get_object reply, read and closed."""
         body = reply["Body"]
         try:
             data = body.read()  # botocore checks the length against Content-Length
@@ -441,6 +481,28 @@ class S3Store:
 
     async def get_then(self, key: ObjectKey, then: Callable[[bytes], _T]) -> _T:
         return await self._run(lambda: then(self._get_sync(key)))
+
+    def _get_range_sync(self, key: ObjectKey, offset: int, length: int) -> bytes:
+        what = f"ranged get of {key}"
+        if self._direct_setup() is not None:
+            return self._direct_get_range_sync(key, offset, length, what)
+        name = self._object_name(key)
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes={offset}-{offset + length - 1}")
+        except bce.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("InvalidRange", "416"):
+                return b""  # the range starts past the end of the object
+            raise self._translate(exc, what) from None
+        except (bce.BotoCoreError, OSError) as exc:
+            if isinstance(exc, bce.ParamValidationError):
+                raise
+            raise self._translate(exc, what) from None
+        status = int(reply.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return self._range_of_reply(what, status, self._read_body(reply, what), reply.get("ContentRange"), offset, length)
+
+    async def get_range_then(self, key: ObjectKey, offset: int, length: int, then: Callable[[bytes], _T]) -> _T:
+        check_range(offset, length)
+        return await self._run(lambda: then(self._get_range_sync(key, offset, length)))
 
     def _exists_sync(self, key: ObjectKey) -> bool:
         # A HEAD of a key in a missing bucket is a plain 404 too: check_access() tells them apart.
