@@ -256,7 +256,7 @@ class StudyRead(Workload):
             info = {"list_seconds": list_seconds, "objects": len(keys), "bytes": timing.bytes,
                     "list_plus_get_seconds": list_seconds + seconds}
             if len(keys) != len(study.files):
-                self.ctx.note(f"the read archive has {len(keys)} data objects for {len(study.files)} files")
+                raise BenchError(f"raw boto3's copy of the study has {len(keys)} objects for {len(study.files)} files")
             return Sample(system.name, self.name, repeat, metrics, info)
         assert isinstance(system, FsSystem)
         root = system.make_cold()
