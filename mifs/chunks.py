@@ -17,9 +17,8 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import trio
 
@@ -40,20 +39,16 @@ from mifs.errors import (
 )
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
-from mifs.store.base import ObjectStore
+from mifs.store.base import ObjectStore, new_object_key
 from mifs.types import ArchiveId, FileId, InodeId, ObjectKey
 from mifs.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 READAHEAD_CHUNKS = 4
 FILE_KEYS_KEPT = 1024
-
-
-def new_object_key() -> ObjectKey:
-    """A random object name: 128 bits, hex, fanned out over 256 prefixes."""
-    name = secrets.token_hex(16)
-    return ObjectKey(f"data/{name[:2]}/{name}")
 
 
 @dataclass(frozen=True)
@@ -385,7 +380,7 @@ class DataPath:
         try:
             try:
                 # Read, authenticate and cache in one worker-thread hop.
-                data = await self._get_from_store(key, lambda blob: self._open_and_fill(fk, row, blob, group))
+                data = await self._get_from_store(row, lambda blob: self._open_and_fill(fk, row, blob, group))
             except IntegrityError:
                 self._integrity_failure(fk, row, "store")
                 raise
@@ -408,12 +403,69 @@ class DataPath:
             self._plain.put(row.object_key, data)
         return row.stored_len
 
-    async def _get_from_store(self, key: ObjectKey, then: Callable[[bytes], bytes]) -> bytes:
-        """then(the object), from the store, which retries transient failures (store.retry);
-        this bounds how long a reader waits."""
+    async def warm_pack(
+        self, pack: ObjectKey, members: list[tuple[FileKey, tables.ChunkRow]], *, group: int | None,
+        keep_plaintext: bool = False,
+    ) -> tuple[int, int]:
+        """Bring chunks of one pack into the local cache with one ranged GET (study prefetch):
+        the span from the first to the last of them that is neither cached nor being fetched.
+        Readers of these chunks meanwhile join this fetch. Returns (chunks fetched, their
+        stored bytes); a chunk that fails authentication is reported and left out."""
+        todo = [
+            (fk, row) for fk, row in members
+            if not self._cache.contains(row.object_key) and row.object_key not in self._store_fetches
+        ]
+        if not todo or self.store_is_local:
+            return 0, 0
+        if len(todo) == 1:
+            fk, row = todo[0]
+            fetched = await self.warm(fk, row, group=group, keep_plaintext=keep_plaintext)
+            return int(fetched > 0), fetched
+        start = min(row.pack_offset for _, row in todo)
+        end = max(row.pack_offset + row.stored_len for _, row in todo)
+        fetches = {row.object_key: _StoreFetch(trio.Event()) for _, row in todo}
+        self._store_fetches.update(fetches)
+        failed: list[tuple[FileKey, tables.ChunkRow]] = []
+
+        def open_all(blob: bytes) -> dict[ObjectKey, bytes]:
+            """Worker thread: authenticate and cache each chunk of the span."""
+            opened: dict[ObjectKey, bytes] = {}
+            for fk, row in todo:
+                at = row.pack_offset - start
+                try:
+                    opened[row.object_key] = self._open_and_fill(fk, row, blob[at:at + row.stored_len], group)
+                except IntegrityError:
+                    failed.append((fk, row))
+            return opened
+
+        try:
+            opened = await self._get_range(pack, (start, end - start), open_all)
+            for fk, row in failed:
+                self._integrity_failure(fk, row, "store")
+            for key, data in opened.items():
+                fetches[key].plaintext = data
+                if keep_plaintext:
+                    self._plain.put(key, data)
+            return len(opened), sum(row.stored_len for _, row in todo if row.object_key in opened)
+        finally:
+            for key, fetch in fetches.items():
+                del self._store_fetches[key]
+                fetch.done.set()
+
+    async def _get_from_store(self, row: tables.ChunkRow, then: Callable[[bytes], T]) -> T:
+        """then(the chunk's stored bytes), from the store, which retries transient failures
+        (store.retry); this bounds how long a reader waits. A chunk inside a pack is a ranged read."""
+        if row.pack_key is None:
+            return await self._get_range(row.object_key, None, then)
+        return await self._get_range(row.pack_key, (row.pack_offset, row.stored_len), then)
+
+    async def _get_range(self, key: ObjectKey, span: tuple[int, int] | None, then: Callable[[bytes], T]) -> T:
+        """then(the object, or `span` = (offset, length) of it), bounded by fetch_timeout."""
         with trio.move_on_after(self._fetch_timeout):
             try:
-                return await self._store.get_then(key, then)
+                if span is None:
+                    return await self._store.get_then(key, then)
+                return await self._store.get_range_then(key, span[0], span[1], then)
             except (StoreUnavailable, StorePermissionDenied) as exc:
                 log.error("fetching object %s failed: %s", key, exc)
                 raise DataUnavailable(f"object {key} could not be fetched") from None

@@ -42,6 +42,18 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
+DEFAULT_PACK_SIZE = 4 * 1024**2
+MAX_PACK_SIZE = 64 * 1024**2
+"""Every upload worker holds one pack in memory: this bounds that memory."""
+
+
+def check_pack_size(value: object, what: str) -> int:
+    """A pack size in bytes: 0 (off) or 64 KiB .. MAX_PACK_SIZE."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 64 * 1024 <= value <= MAX_PACK_SIZE):
+        raise UserError(f"{what} must be 0 (off) or a size from 64KiB to 64MiB", 2)
+    return value
+
+
 def format_size(n: int | float) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -117,6 +129,10 @@ class MountConfig:
     """Extended attributes on the mount. None: on if the archive already holds any, else off.
     Off, the kernel no longer asks for security.capability before every write(2), one FUSE
     round trip per write call (Orthanc writes 4 KiB at a time)."""
+    pack_size: int | None = None
+    """Small chunks are uploaded together as pack objects of up to this many bytes (0: every
+    chunk is an object of its own). None: DEFAULT_PACK_SIZE on S3, off on a local-directory
+    store (no per-request cost to save there)."""
     compress_level: int | None = None
     """zstd level chunks are compressed with before sealing; None: off (docs/CONFIG.md)."""
     # DICOM awareness (dicom_index)
@@ -153,7 +169,7 @@ _BOOL_KEYS = {"index", "prefetch", "debug", "sync_uploads", "sync_close", "xattr
 _COUNT_KEYS = {"prefetch_priors": 0, "prefetch_parallel": 1, "upload_workers": 1}
 _ID_LIST_KEYS = {"allow_uids", "allow_gids"}
 _DAYS_KEYS = {"retention_days", "worm_days"}
-_SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes"}
+_SIZE_KEYS = {"cache_size", "plaintext_cache_bytes", "dirty_buffer_bytes", "pack_size"}
 _TOP_LEVEL = {
     "store", "mountpoint", "key_file", "key_credential", "key_env", "passphrase_file", "cache_dir", "cache_size", "options",
     "log_file", "debug", "xattrs",
@@ -167,7 +183,7 @@ _SECTIONS: dict[str, set[str]] = {
     "retention": {"retention_days", "worm_days"},
     "tuning": {"upload_workers", "upload_delay", "fetch_timeout", "staging_timeout", "sync_uploads", "sync_close",
                "sync_interval", "attr_timeout", "orphan_sweep_interval", "orphan_grace",
-               "plaintext_cache_bytes", "dirty_buffer_bytes", "compress"},
+               "plaintext_cache_bytes", "dirty_buffer_bytes", "compress", "pack_size"},
 }
 
 
@@ -246,5 +262,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
             unknown = [o for o in value if o not in KNOWN_FUSE_OPTIONS]
             if unknown:
                 raise UserError(f"config file {path}: unknown mount option {unknown[0]!r}", 2)
+        if key == "pack_size":
+            value = check_pack_size(value, f"config file {path}: tuning.pack_size")
         result[name] = value
     return result

@@ -26,7 +26,7 @@ from mifs.cache import ChunkCache
 from mifs.chunks import DataPath
 from mifs.commits import Committer
 from mifs.compression import ChunkCompressor
-from mifs.config import MountConfig
+from mifs.config import DEFAULT_PACK_SIZE, MountConfig
 from mifs.control_protocol import socket_path
 from mifs.control_server import ControlServer, Peer
 from mifs.dicom_index.catalog import StudyCatalog
@@ -157,8 +157,10 @@ class Daemon:
             {key for key, _ in tables.pending_uploads(self.db)}, group_of=lambda key: studies.study_of_key(self.db, key)
         )
         self.cache.set_pinned(studies.pinned_ids(self.db))
+        pack_size = cfg.pack_size if cfg.pack_size is not None else (0 if store_is_local else DEFAULT_PACK_SIZE)
         self.uploader = Uploader(
-            archive.store, self.cache, self.db, cfg.upload_workers, delay=0.0 if cfg.sync_uploads else cfg.upload_delay
+            archive.store, self.cache, self.db, cfg.upload_workers, delay=0.0 if cfg.sync_uploads else cfg.upload_delay,
+            pack_size=pack_size,
         )
         self.committer = Committer(self.db, self.cache, self.uploader, sync_interval=cfg.sync_interval)
         assert archive.keyring is not None and archive.key_source is not None
@@ -259,12 +261,18 @@ class Daemon:
             "symlinks": counts.symlinks,
             "bytes": counts.bytes,
             "objects": counts.objects,
+            "chunks": counts.chunks,
             "stored_bytes": counts.stored_bytes,
+            "packs": counts.packs,
+            "pack_dead_bytes": counts.pack_dead_bytes,
             "pending_uploads": up.pending_uploads,
             "pending_bytes": up.pending_bytes,
             "oldest_pending_seconds": round(up.oldest_pending_age, 1),
             "uploaded_objects": up.uploaded_objects,
+            "uploaded_packs": up.uploaded_packs,
             "deleted_objects": up.deleted_objects,
+            "garbage": counts.garbage,
+            "repacked_packs": self.uploader.repacked_packs,
             "store_reachable": up.store_reachable,
             "last_error": up.last_error,
             **self._store_retry_status(),

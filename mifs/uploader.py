@@ -13,6 +13,22 @@ the CPUs (the data is durable on local disk meanwhile; rclone's VFS cache does t
 its 5 s write-back delay). Draining (unmount), chunks staged before this mount, and a cache
 filling up with staged data (STAGED_SHARE_NO_DELAY of its limit) upload at once.
 
+Packs (`pack_size`): a worker takes as many small chunks as are due, up to pack_size bytes,
+and uploads them as one object, their sealed bytes one after the other (docs/FORMAT.md "Pack
+object"): against S3 the cost of a PUT, and later of a GET, is mostly per request, so a study
+of 400 small files moves as ~50 objects instead of 400. A chunk of half pack_size or more, or
+one alone in the queue, is uploaded as an object of its own. The pack is named in the
+database (tables.add_pack) before its upload starts, and its chunks point into it once it is
+stored; a crash in between leaves a pack no chunk names, dropped at the next mount.
+
+Repacking: when a chunk inside a pack is dropped (its file deleted, shredded, truncated or
+rewritten) while other chunks of the pack live on, the pack is marked (packs.repack). The
+repack task copies the live chunks' sealed bytes (from the cache, else one ranged GET) into
+staged copies under new keys, points their rows there in one synchronous step, and the old
+pack, named by nothing, becomes garbage: deleted with every stored version once that commit is
+durable. So a deleted file leaves no ciphertext in the store (docs/FORMAT.md section 11), at
+the cost of re-uploading its pack neighbours. The staged copies are uploaded like any other.
+
 Concurrency: everything runs on the trio thread except cache file I/O (worker threads). A key
 is in `_in_flight` from the moment a worker takes it until its upload is recorded, and the
 garbage collector never deletes a key in flight, so a deleted object is never resurrected.
@@ -31,10 +47,10 @@ from dataclasses import dataclass
 import trio
 
 from mifs.cache import ChunkCache
-from mifs.errors import StorePermissionDenied, StoreUnavailable
+from mifs.errors import ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.metadb import tables
 from mifs.metadb.db import MetaDb
-from mifs.store.base import ObjectStore
+from mifs.store.base import ObjectStore, new_object_key
 from mifs.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -44,6 +60,8 @@ QUIET_SECONDS = 0.25
 """The mount counts as idle once no chunk was staged for this long."""
 STAGED_SHARE_NO_DELAY = 0.25
 """Above this share of the cache limit taken by staged chunks, uploads no longer wait."""
+PACK_MAX_CHUNKS = 256
+"""At most this many chunks in one pack (bounds one upload's bookkeeping)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,8 @@ class UploaderStatistics:
     pending_bytes: int
     oldest_pending_age: float
     uploaded_objects: int
+    """Chunks uploaded, on their own or inside a pack."""
+    uploaded_packs: int
     uploaded_bytes: int
     deleted_objects: int
     last_error: str
@@ -66,10 +86,14 @@ class UploaderStatistics:
 
 
 class Uploader:
-    def __init__(self, store: ObjectStore, cache: ChunkCache, db: MetaDb, workers: int = 4, delay: float = 0.0) -> None:
+    def __init__(
+        self, store: ObjectStore, cache: ChunkCache, db: MetaDb, workers: int = 4, delay: float = 0.0, pack_size: int = 0
+    ) -> None:
         """delay: how long at most a freshly staged chunk waits for the mount to stop writing
-        before it is uploaded (0: at once)."""
+        before it is uploaded (0: at once). pack_size: bytes of small chunks uploaded as one
+        pack object (0: every chunk is an object of its own)."""
         self._delay = delay
+        self._pack_size = pack_size
         self._last_staged = -math.inf  # trio clock, as every time of the delay logic
         self._ready_at: dict[ObjectKey, float] = {}  # queued key -> when its delay is over
         self._draining = False
@@ -84,7 +108,10 @@ class Uploader:
         self._wakeup = trio.Event()
         self._gc_wakeup = trio.Event()
         self._gc_ready: set[ObjectKey] = set()
+        self._repack_wakeup = trio.Event()
+        self.repacked_packs = 0
         self._uploaded_objects = 0
+        self._uploaded_packs = 0
         self._uploaded_bytes = 0
         self._deleted_objects = 0
         self._last_error = ""
@@ -111,7 +138,11 @@ class Uploader:
             self._wakeup.set()
 
     def load_pending(self) -> None:
-        """At mount: queue every chunk the database says is not yet in the store."""
+        """At mount: queue every chunk the database says is not yet in the store, and hand
+        packs that no chunk names to the garbage collector (nothing is in flight yet)."""
+        dropped = tables.drop_unused_packs(self._db)
+        if dropped:
+            log.info("%d pack objects no chunk refers to (an upload cut short) will be deleted", dropped)
         for key, size in tables.pending_uploads(self._db):
             self.enqueue(key, size, fresh=False)
 
@@ -128,6 +159,8 @@ class Uploader:
         """Called right after a metadata commit that is about to be made durable: the garbage
         it recorded. No checkpoint may separate the commit from this call: then every garbage
         row visible is in that commit."""
+        if tables.packs_to_repack(self._db, 1):
+            self._repack_wakeup.set()
         return CommitPoint(tables.garbage_keys(self._db))
 
     def after_commit(self, point: CommitPoint) -> None:
@@ -139,6 +172,10 @@ class Uploader:
             self._gc_wakeup.set()
 
     # --- waiting ----------------------------------------------------------------------------
+
+    def repack_now(self) -> None:
+        """Repack the marked packs without waiting for the next durable commit (shred)."""
+        self._repack_wakeup.set()
 
     def busy(self) -> bool:
         return bool(self._queued or self._in_flight or self._gc_ready)
@@ -186,6 +223,7 @@ class Uploader:
             pending_bytes=sum(size for size, _ in pending.values()),
             oldest_pending_age=now - oldest,
             uploaded_objects=self._uploaded_objects,
+            uploaded_packs=self._uploaded_packs,
             uploaded_bytes=self._uploaded_bytes,
             deleted_objects=self._deleted_objects,
             last_error=self._last_error,
@@ -199,6 +237,7 @@ class Uploader:
             for _ in range(self._workers):
                 nursery.start_soon(self._worker)
             nursery.start_soon(self._collect_garbage)
+            nursery.start_soon(self._repack_marked)
             task_status.started()
 
     def _wait_before_upload(self) -> float:
@@ -210,6 +249,15 @@ class Uploader:
         if wait <= 0 or self._cache.staged_share() > STAGED_SHARE_NO_DELAY:
             return 0.0
         return wait
+
+    def _take(self) -> ObjectKey:
+        key = self._queue.popleft()
+        self._ready_at.pop(key, None)
+        self._in_flight[key] = self._queued.get(key, (0, time.monotonic()))
+        return key
+
+    def _packable(self, size: int) -> bool:
+        return 0 < size and 2 * size < self._pack_size
 
     async def _next_key(self) -> ObjectKey:
         while True:
@@ -229,25 +277,44 @@ class Uploader:
                 self._wakeup = trio.Event()
             with trio.move_on_after(wait):
                 await self._wakeup.wait()
-        key = self._queue.popleft()
-        self._ready_at.pop(key, None)
-        self._in_flight[key] = self._queued.get(key, (0, time.monotonic()))
-        return key
+        return self._take()
+
+    def _more_for_pack(self, first: ObjectKey) -> list[ObjectKey]:
+        """The small chunks queued right behind `first` that fit in its pack (taken). They go
+        up with it even if their own delay is not over: `first` is due, so this PUT competes
+        with the writers anyway, and the same PUT carrying more bytes costs little more."""
+        size = self._in_flight[first][0]
+        if not self._packable(size):
+            return []
+        taken: list[ObjectKey] = []
+        while self._queue and len(taken) + 1 < PACK_MAX_CHUNKS:
+            more = self._queued.get(self._queue[0], (0, 0.0))[0]
+            if not self._packable(more) or size + more > self._pack_size:
+                break
+            taken.append(self._take())
+            size += more
+        return taken
 
     async def _worker(self) -> None:
         while True:
-            key = await self._next_key()
+            first = await self._next_key()
+            keys = [first, *self._more_for_pack(first)]
             try:
-                await self._upload(key)
+                if len(keys) == 1:
+                    await self._upload(first)
+                else:
+                    await self._upload_pack(keys)
             except Exception as exc:
                 # Never let one bad object stop the queue; try it again later.
-                log.exception("upload of object %s failed unexpectedly; retrying later", key)
-                self._last_error = f"upload of {key}: {exc.__class__.__name__}"
+                log.exception("upload of object %s failed unexpectedly; retrying later", first)
+                self._last_error = f"upload of {first}: {exc.__class__.__name__}"
                 await trio.sleep(5)
-                self._in_flight.pop(key, None)
-                self.enqueue(key, 0, fresh=False)
+                for key in keys:
+                    self._in_flight.pop(key, None)
+                    self.enqueue(key, 0, fresh=False)
             finally:
-                self._in_flight.pop(key, None)
+                for key in keys:
+                    self._in_flight.pop(key, None)
 
     async def _adopt(self, key: ObjectKey) -> int | None:
         """Hand the staged file itself to a store on the same disk; its size, or None."""
@@ -285,6 +352,100 @@ class Uploader:
                 return
             log.error("staged chunk %s has no local copy and is not in the store; it cannot be uploaded", key)
             self._last_error = f"staged chunk {key} is missing from the cache"
+
+    async def _upload_pack(self, keys: list[ObjectKey]) -> None:
+        """Upload the staged chunks `keys` (all in flight) as one pack object, then point
+        their rows into it. A chunk without a local copy goes the way of a single upload."""
+        for key in keys:
+            self._queued.pop(key, None)
+        blobs = await trio.to_thread.run_sync(lambda: [self._cache.read_sync(k, touch=False) for k in keys])
+        members: list[tuple[ObjectKey, int, int]] = []  # key, offset in the pack, length
+        size = 0
+        for key, blob in zip(keys, blobs):
+            if blob is not None:
+                members.append((key, size, len(blob)))
+                size += len(blob)
+        for key, blob in zip(keys, blobs):
+            if blob is None or len(members) < 2:
+                await self._upload(key)
+        if len(members) < 2:
+            return
+        body = b"".join(blob for blob in blobs if blob is not None)
+        del blobs
+        pack = new_object_key()
+        tables.add_pack(self._db, pack, size)  # named from now on: the orphan sweep keeps it
+        await self._with_retry("upload", pack, lambda: self._store.put(pack, body))
+        del body
+        live = 0
+        for key, offset, length in members:
+            if tables.mark_packed(self._db, key, pack, offset):
+                live += 1
+            self._awaiting_commit.append(key)
+            self._uploaded_objects += 1
+            self._uploaded_bytes += length
+        if not live:
+            tables.drop_pack(self._db, pack)  # every chunk was dropped during the upload
+        self._uploaded_packs += 1
+
+    async def _repack_marked(self) -> None:
+        self._repack_wakeup.set()  # packs marked before this mount
+        while True:
+            await self._repack_wakeup.wait()
+            self._repack_wakeup = trio.Event()
+            for pack in tables.packs_to_repack(self._db):
+                try:
+                    await self._repack(pack)
+                except Exception as exc:  # noqa: BLE001 - e.g. the cache disk full
+                    # The mark stays; the next durable commit wakes this task again.
+                    log.error("repacking object %s failed, trying again later: %s", pack, exc.__class__.__name__)
+                    self._last_error = f"repack of {pack}: {exc.__class__.__name__}"
+                    await trio.sleep(5)
+                    break
+
+    async def _repack(self, pack: ObjectKey) -> None:
+        """Move the live chunks of `pack` into staged copies under new keys; the pack becomes
+        garbage. The rows are changed only after every copy is staged, without a checkpoint
+        in between, and only where a row still points where it did."""
+        members = tables.pack_members(self._db, pack)
+        blobs = await trio.to_thread.run_sync(lambda: [self._cache.read_sync(m.object_key, touch=False) for m in members])
+        missing = [m for m, b in zip(members, blobs) if b is None or len(b) != m.stored_len]
+        if missing:
+            start = min(m.pack_offset for m in missing)
+            end = max(m.pack_offset + m.stored_len for m in missing)
+            span = b""
+
+            async def fetch() -> None:
+                nonlocal span
+                span = await self._store.get_range_then(pack, start, end - start, lambda data: data)
+
+            try:
+                await self._with_retry("repack read", pack, fetch)
+            except ObjectNotFound:
+                log.error("pack object %s is missing from the store; its chunks cannot be moved", pack)
+                tables.give_up_repack(self._db, pack)
+                return
+            for n, m in enumerate(members):
+                if blobs[n] is None or len(blobs[n] or b"") != m.stored_len:
+                    blobs[n] = span[m.pack_offset - start:m.pack_offset - start + m.stored_len]
+        copies = [(m, new_object_key(), blob) for m, blob in zip(members, blobs) if blob is not None]
+
+        def stage_all() -> None:
+            for _, key, blob in copies:
+                self._cache.stage_sync(key, blob)
+
+        await trio.to_thread.run_sync(stage_all)
+        unused: list[ObjectKey] = []
+        for member, key, blob in copies:  # no checkpoint from here to the end
+            if tables.unpack_chunk(self._db, member, key):
+                self.enqueue(key, len(blob), fresh=False)
+            else:
+                unused.append(key)
+        if not tables.drop_pack_if_unused(self._db, pack):
+            tables.give_up_repack(self._db, pack)  # a member could not be read (short pack)
+            log.error("pack object %s holds chunks that could not be moved out of it", pack)
+        self.repacked_packs += 1
+        for key in unused:
+            await trio.to_thread.run_sync(self._cache.discard_sync, key)
 
     async def _store_has(self, key: ObjectKey) -> bool:
         found = False
@@ -331,7 +492,11 @@ class Uploader:
                 try:
                     # Every version: a chunk of a deleted or shredded file must not survive in
                     # a versioned bucket (its key may be destroyed, but the copy must go too).
-                    await self._with_retry("delete", key, lambda: self._store.purge(key))
+                    # A chunk that was inside a pack has no object of its own: the pack goes
+                    # with its last chunk (tables._retire_chunks).
+                    in_store = tables.garbage_in_store(self._db, key)
+                    if in_store:
+                        await self._with_retry("delete", key, lambda: self._store.purge(key))
                     await trio.to_thread.run_sync(self._cache.discard_sync, key)
                     tables.forget_garbage(self._db, key)
                 except Exception as exc:  # noqa: BLE001 - e.g. the metadata disk full
@@ -343,5 +508,5 @@ class Uploader:
                     self._gc_wakeup.set()
                     await trio.sleep(5)
                     break
-                self._deleted_objects += 1
+                self._deleted_objects += int(in_store)
             await trio.sleep(0.05)

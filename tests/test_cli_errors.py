@@ -193,14 +193,18 @@ def test_bad_chunk_size(tmp_path: Path, size: str) -> None:
     assert not (tmp_path / "store").exists() and not (tmp_path / "k").exists()
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_bad_upload_delay(archive: Archive, value: str) -> None:
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--upload-delay", v, "--upload-delay must be a number of seconds") for v in ("-1", "nan", "inf")]
+    + [("--pack-size", v, "--pack-size") for v in ("1KiB", "65MiB", "-1", "lots")],
+)
+def test_bad_tuning_flag(archive: Archive, flag: str, value: str, message: str) -> None:
     result = run_mifs("mount", archive.store, archive.mountpoint, "--key-file", archive.key_file,
-                      "--cache-dir", archive.cache_dir, "--upload-delay", value)
+                      "--cache-dir", archive.cache_dir, flag, value)
     if result.returncode == 0:
         archive.mounts.append((archive.mountpoint, archive.cache_dir))
     assert_cli_error(result, EXIT_USAGE)
-    assert "--upload-delay must be a number of seconds" in result.stderr
+    assert message in result.stderr
     assert not is_fuse_mounted(archive.mountpoint)
 
 
@@ -238,3 +242,4 @@ def test_relative_paths_are_resolved_against_the_callers_cwd(archive: Archive) -
     assert result.returncode == 0, describe(result)
     archive.mounts.clear()
     assert not is_fuse_mounted(archive.mountpoint)
+

@@ -154,3 +154,18 @@ def test_config_file_upload_delay(tmp_path: Path) -> None:
         with pytest.raises(UserError, match="upload_delay") as info:
             load_config_file(path)
         assert info.value.exit_code == 2
+
+
+def test_config_file_pack_size(tmp_path: Path) -> None:
+    from mifs.config import MountConfig, load_config_file
+
+    assert MountConfig("/s", Path("/m")).pack_size is None  # the store kind decides (mount.py)
+    path = tmp_path / "m.toml"
+    for text, expected in (('"4MiB"', 4 * MiB), ("0", 0), ('"64KiB"', 64 * KiB), ('"64MiB"', 64 * MiB), ("1048576", MiB)):
+        path.write_text(f"[tuning]\npack_size = {text}\n")
+        assert load_config_file(path) == {"pack_size": expected}, text
+    for bad in ('"1KiB"', '"65MiB"', "-1", "true", '"lots"', "1.5"):
+        path.write_text(f"[tuning]\npack_size = {bad}\n")
+        with pytest.raises(UserError, match="pack_size") as info:
+            load_config_file(path)
+        assert info.value.exit_code == 2

@@ -317,6 +317,7 @@ def test_bucket_holds_no_plaintext_and_only_documented_names(s3_server: SeaweedS
     keys = bucket_keys(s3_server, arc.s3_bucket)
     assert keys, "the bucket is empty"
     counts = {"descriptor": 0, "data": 0, "snapshot": 0, "journal": 0, "audit": 0}
+    data_bytes = 0
     problems = []
     client = s3_server.client()
     for full in keys:
@@ -344,6 +345,7 @@ def test_bucket_holds_no_plaintext_and_only_documented_names(s3_server: SeaweedS
                                 "kdf", "kek_id", "created", "mac"}, doc
         elif key.startswith("data/"):
             counts["data"] += 1
+            data_bytes += len(body)
             if body[:4] != CHUNK_MAGIC or len(body) < CHUNK_OVERHEAD:
                 problems.append(f"{full}: not a sealed chunk (starts {body[:8].hex()})")
         elif key == "audit/key":
@@ -362,8 +364,10 @@ def test_bucket_holds_no_plaintext_and_only_documented_names(s3_server: SeaweedS
     assert not problems, "\n".join(problems[:30])
     assert counts["descriptor"] == 1 and counts["snapshot"] >= 1, counts
     assert counts["audit"] >= 4, counts  # key, head, the init segment and the mount's
-    # 6 files of ~525 KiB in 4 MiB chunks: one object each
-    assert counts["data"] == len(files), counts
+    # 6 files of ~525 KiB in 4 MiB chunks: one chunk each, the six packed into one object
+    # (4 MiB packs by default on S3), each chunk in it sealed as a chunk object is
+    assert counts["data"] == 1, counts
+    assert data_bytes == sum(len(f.data) + CHUNK_OVERHEAD for f in files)
 
 
 # --- 3. host loss ------------------------------------------------------------------------------
@@ -647,14 +651,17 @@ def test_kill_9_with_uploads_pending(s3_server: SeaweedS3, s3_archive: Archive) 
     os.unlink(mp / "up-2")
     del expected["up-2"]
     fsync_dir(mp)  # directory changes are durable once the directory is fsynced (POSIX)
-    status = arc.wait_status(lambda s: s["pending_uploads"] >= 5, 10, "staged chunks")
-    pending_before_kill = status["pending_uploads"]
+    arc.wait_status(lambda s: s["pending_uploads"] >= 5, 10, "staged chunks")
+    # What the new daemon must upload: every live chunk written while the store was down
+    # (the old daemon's pending count also holds chunks rewritten meanwhile, in flight).
+    staged_chunks = sum(-(-len(data) // SMALL_CHUNK) for name, data in expected.items() if name.startswith("staged-"))
+    staged_chunks += -(-len(expected["up-0"]) // SMALL_CHUNK)
 
     arc.kill_daemon()
     s3_server.start()
     arc.mount()  # same cache dir: the staged chunks are uploaded by the new daemon
     status = arc.wait_status(idle, 60, "the uploads left by the killed daemon")
-    assert status["uploaded_objects"] >= pending_before_kill, status
+    assert status["uploaded_objects"] >= staged_chunks, status
     assert_healthy(status, "after the restart")
     verify_files(mp, expected, "after kill -9 and remount")
     objects = status["objects"]
@@ -939,11 +946,147 @@ def test_sync_uploads_close_waits_for_the_store(s3_server: SeaweedS3, s3_archive
     thread.join(60)
     assert not thread.is_alive(), "close() still blocked 60 s after the store came back"
     assert outcome == [None], f"write/close failed: {outcome}"
-    new_keys = data_keys(s3_server, arc) - keys_after_first
-    assert len(new_keys) == 4, f"close() returned with {len(new_keys)} of 4 chunk objects in the bucket"
-    assert idle(arc.status_json())
+    status = arc.status_json()
+    assert status["pending_uploads"] == 0, f"close() returned with chunks not yet in the store: {status}"
+    assert status["chunks"] == 6, status
+    assert len(data_keys(s3_server, arc)) == status["objects"], status
+    assert idle(status)
     arc.umount()
     arc.wipe_cache()
     arc.mount()
     assert_bytes_equal(read_file(mp / "second"), data, "sync-uploaded file from the store")
     assert_bytes_equal(read_file(mp / "first"), first, "first file from the store")
+
+
+# --- 10. packs (docs/FORMAT.md section 5b) -------------------------------------------------------
+
+
+def read_file_without_mifs(arc: Archive, relpath: str) -> bytes:
+    """docs/FORMAT.md section 7 by hand, from the key file and the bucket only: the newest
+    metadata snapshot opened with SQLCipher, the chunks read at their pack offsets."""
+    from test_e2e_shred import archive_keys, inode_of, newest_snapshot, snapshot_db, store_objects
+
+    from mifs.crypto import envelope
+    from mifs.types import FileId
+
+    archive_id, replica_key, db_key, kek = archive_keys(arc)
+    objects = dict(store_objects(arc))
+    newest = newest_snapshot(objects)
+    with snapshot_db(replica_key, db_key, newest, objects[newest]) as conn:
+        inode = inode_of(conn, relpath)
+        file_id, wrapped, size = conn.execute("SELECT file_id, wrapped_dek, size FROM inodes WHERE id = ?", (inode,)).fetchone()
+        rows = conn.execute(
+            "SELECT idx, generation, object_key, pack_key, pack_offset, stored_len FROM chunks WHERE inode = ? ORDER BY idx",
+            (inode,),
+        ).fetchall()
+    chunk_size = int(json.loads(objects["mifs-archive.json"])["chunk_size"])
+    dek = envelope.unwrap_data_key(kek, archive_id, FileId(bytes(file_id)), bytes(wrapped))
+    out = bytearray(size)
+    for idx, generation, object_key, pack_key, offset, stored_len in rows:
+        blob = objects[object_key] if pack_key is None else objects[pack_key][offset:offset + stored_len]
+        plain, _ = envelope.open_chunk(dek, archive_id, FileId(bytes(file_id)), idx, generation, blob)
+        out[idx * chunk_size:idx * chunk_size + len(plain)] = plain
+    return bytes(out[:size])
+
+
+def test_a_study_goes_up_in_packs_and_comes_back_byte_exact(s3_server: SeaweedS3, s3_archive: Archive) -> None:
+    arc = s3_archive
+    mp = arc.mountpoint
+    files = {str(f.relpath): f.data for f in study_files(StudySpec(seed=31, series_count=2, images_per_series=12))}
+    assert len(files) == 24 and all(512 * KiB < len(d) < 600 * KiB for d in files.values())
+    arc.mount()
+    for rel, data in files.items():
+        (mp / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_file(mp / rel, data)
+    arc.wait_status(lambda s: s["index_backlog"] == 0 and s["dicom_instances"] == 24, 60, "the study to be indexed")
+    arc.umount()  # drains: every chunk in the store
+
+    keys = data_keys(s3_server, arc)
+    # 24 chunks of ~525 KiB in 4 MiB packs: 7 chunks a pack, 4 objects (not 24).
+    assert len(keys) == 4, f"{len(keys)} data objects for 24 small files"
+    arc.mount()
+    status = arc.status_json()
+    assert (status["chunks"], status["packs"], status["objects"]) == (24, 4, 4), status
+    assert status["pack_dead_bytes"] == 0, status
+    arc.umount()
+    stored = sum(len(get_object(s3_server, arc.s3_bucket or "", f"{arc.s3_prefix}/{k}")) for k in keys)
+    assert stored == sum(len(d) + CHUNK_OVERHEAD for d in files.values()), "a pack is its chunks and nothing else"
+    # A vendor reading the archive without mifs (FORMAT.md section 7) finds every chunk.
+    some = sorted(files)[5]
+    assert_bytes_equal(read_file_without_mifs(arc, some), files[some], "read without mifs")
+
+    # Cold from the store: ranged GETs one file at a time (no prefetch) ...
+    arc.wipe_cache()
+    arc.mount(flags=["--no-prefetch"])
+    verify_files(mp, files, "cold, ranged GETs")
+    assert arc.status_json()["prefetched_objects"] == 0
+    arc.umount()
+    # ... and with study prefetch, which fetches whole packs.
+    arc.wipe_cache()
+    arc.mount()
+    verify_files(mp, files, "cold, with study prefetch")
+    status = arc.wait_status(lambda s: s["prefetch_queued_studies"] == 0, 60, "the prefetch to finish")
+    assert status["prefetched_objects"] > 0, status
+    assert_healthy(status, "cold read of a packed study")
+    arc.umount()
+
+
+@pytest.mark.expect_log(
+    r"ERROR mifs\.chunks: integrity failure: object data/[0-9a-f]{2}/[0-9a-f]{32} \(inode \d+, chunk 0, generation \d+\) from store failed authentication",
+)
+def test_a_damaged_pack_fails_only_the_chunk_hit(s3_server: SeaweedS3, s3_archive: Archive) -> None:
+    arc = s3_archive
+    mp = arc.mountpoint
+    files = {f"f{i}.bin": pattern(f"pack-{i}", 300 * KiB + i) for i in range(6)}
+    arc.mount()
+    for rel, data in files.items():
+        write_file(mp / rel, data)
+    arc.umount()
+    (pack,) = data_keys(s3_server, arc)  # 6 x 300 KiB: one pack
+    name = f"{arc.s3_prefix}/{pack}"
+    body = bytearray(get_object(s3_server, arc.s3_bucket or "", name))
+    third = 2 * (300 * KiB + CHUNK_OVERHEAD) + 1  # the chunks are in write order: f2 starts here
+    body[third + 1000] ^= 0x01
+    s3_server.client().put_object(Bucket=arc.s3_bucket, Key=name, Body=bytes(body))
+    arc.wipe_cache()
+    arc.mount(flags=["--no-prefetch"])
+    for rel, data in files.items():
+        if rel == "f2.bin":
+            with pytest.raises(OSError) as err:
+                read_file(mp / rel)
+            assert err.value.errno == errno.EIO, err.value
+        else:
+            assert_bytes_equal(read_file(mp / rel), data, f"{rel}, a neighbour of the damaged chunk")
+    assert arc.status_json()["integrity_failures"] >= 1
+
+
+def test_deleting_files_leaves_none_of_their_bytes_in_the_store(s3_server: SeaweedS3, s3_archive: Archive) -> None:
+    arc = s3_archive
+    mp = arc.mountpoint
+    files = {f"f{i}.bin": pattern(f"del-{i}", 400 * KiB + i) for i in range(8)}
+    arc.mount()
+    for rel, data in files.items():
+        write_file(mp / rel, data)
+    assert arc.run_cli("sync", mp).returncode == 0
+    before = data_keys(s3_server, arc)
+    assert len(before) == 1, before  # 8 x 400 KiB: one pack
+    gone = ["f1.bin", "f4.bin", "f5.bin"]
+    for rel in gone:
+        os.unlink(mp / rel)
+    # The pack is repacked: the five live chunks move to a new object, the old one goes.
+    arc.wait_status(
+        lambda s: s["packs"] == 1 and s["pack_dead_bytes"] == 0 and idle(s) and s["garbage"] == 0
+        and data_keys(s3_server, arc).isdisjoint(before),
+        60, "the pack holding the deleted files to be replaced",
+    )
+    after = data_keys(s3_server, arc)
+    assert len(after) == 1, after
+    kept = {k: v for k, v in files.items() if k not in gone}
+    verify_files(mp, kept, "after repacking, same mount")
+    arc.umount()
+    body = get_object(s3_server, arc.s3_bucket or "", f"{arc.s3_prefix}/{next(iter(after))}")
+    assert len(body) == sum(len(d) + CHUNK_OVERHEAD for d in kept.values()), "only the live chunks are stored"
+    arc.wipe_cache()
+    arc.mount()
+    verify_files(mp, kept, "after repacking, cold from the store")
+    assert not any((mp / rel).exists() for rel in gone)

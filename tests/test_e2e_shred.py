@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dicom_factory import Patient, StudySpec  # noqa: E402
 from mifs_e2e import (  # noqa: E402
+    CHUNK_MAGIC,
     Archive,
     assert_errno,
     describe,
@@ -58,7 +60,7 @@ class Secret:
     file_id: bytes
     wrapped_dek: bytes
     dek: bytes
-    chunks: list[tuple[str, int, int]]  # object key, index, generation
+    chunks: list[tuple[str, int, int, int]]  # object key, index, generation, stored length
     marker: bytes  # a piece of its plaintext
 
 
@@ -87,8 +89,9 @@ def archive_keys(arc: Archive) -> tuple[ArchiveId, bytes, bytes, Any]:
     return archive_id, kek.derive(archive_id, "metadata-replica"), kek.derive(archive_id, "metadb"), kek
 
 
-def open_snapshot(replica_key: bytes, db_key: bytes, name: str, blob: bytes) -> list[tuple[Any, ...]]:
-    """Every row of every table of a metadata snapshot."""
+@contextmanager
+def snapshot_db(replica_key: bytes, db_key: bytes, name: str, blob: bytes) -> Iterator[Any]:
+    """A metadata snapshot from the store, opened with SQLCipher (from a temporary copy)."""
     image = envelope.open_blob(replica_key, 1, name.encode("ascii"), blob)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "snap.db"
@@ -96,38 +99,47 @@ def open_snapshot(replica_key: bytes, db_key: bytes, name: str, blob: bytes) -> 
         conn = sqlcipher3.connect(str(path))
         try:
             conn.execute(f"PRAGMA key = \"x'{db_key.hex()}'\"")
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            rows: list[tuple[Any, ...]] = []
-            for table in tables:
-                rows += [tuple(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
-            return rows
+            yield conn
         finally:
             conn.close()
+
+
+def newest_snapshot(objects: dict[str, bytes]) -> str:
+    return max(k for k in objects if k.startswith("meta/snapshot/"))
+
+
+def inode_of(conn: Any, relpath: str) -> int:
+    inode = 1
+    for part in relpath.split("/"):
+        inode = conn.execute("SELECT inode FROM dentries WHERE parent = ? AND name = ?", (inode, part.encode())).fetchone()[0]
+    return inode
+
+
+def open_snapshot(replica_key: bytes, db_key: bytes, name: str, blob: bytes) -> list[tuple[Any, ...]]:
+    """Every row of every table of a metadata snapshot."""
+    with snapshot_db(replica_key, db_key, name, blob) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        rows: list[tuple[Any, ...]] = []
+        for table in tables:
+            rows += [tuple(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
+        return rows
 
 
 def capture(arc: Archive, names: list[str]) -> dict[str, Secret]:
     """From the newest snapshot in the store (the archive must be unmounted): each file's keys."""
     archive_id, replica_key, db_key, kek = archive_keys(arc)
     objects = dict(store_objects(arc))
-    newest = max(k for k in objects if k.startswith("meta/snapshot/"))
-    image = envelope.open_blob(replica_key, 1, newest.encode("ascii"), objects[newest])
+    newest = newest_snapshot(objects)
     found: dict[str, Secret] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "snap.db"
-        path.write_bytes(image)
-        conn = sqlcipher3.connect(str(path))
-        try:
-            conn.execute(f"PRAGMA key = \"x'{db_key.hex()}'\"")
-            for rel in names:
-                inode = 1
-                for part in rel.split("/"):
-                    inode = conn.execute("SELECT inode FROM dentries WHERE parent = ? AND name = ?", (inode, part.encode())).fetchone()[0]
-                file_id, wrapped = conn.execute("SELECT file_id, wrapped_dek FROM inodes WHERE id = ?", (inode,)).fetchone()
-                chunks = [tuple(r) for r in conn.execute("SELECT object_key, idx, generation FROM chunks WHERE inode = ?", (inode,))]
-                dek = envelope.unwrap_data_key(kek, archive_id, FileId(bytes(file_id)), bytes(wrapped))
-                found[rel] = Secret(bytes(file_id), bytes(wrapped), dek, chunks, b"")  # type: ignore[arg-type]
-        finally:
-            conn.close()
+    with snapshot_db(replica_key, db_key, newest, objects[newest]) as conn:
+        for rel in names:
+            inode = inode_of(conn, rel)
+            file_id, wrapped = conn.execute("SELECT file_id, wrapped_dek FROM inodes WHERE id = ?", (inode,)).fetchone()
+            chunks = [tuple(r) for r in conn.execute(
+                "SELECT object_key, idx, generation, stored_len FROM chunks WHERE inode = ?", (inode,)
+            )]
+            dek = envelope.unwrap_data_key(kek, archive_id, FileId(bytes(file_id)), bytes(wrapped))
+            found[rel] = Secret(bytes(file_id), bytes(wrapped), dek, chunks, b"")  # type: ignore[arg-type]
     assert all(s.chunks for s in found.values()), "every captured file must have stored chunks"
     return found
 
@@ -156,13 +168,26 @@ def attack(arc: Archive, secrets: dict[str, Secret]) -> list[str]:
             for rel, s in secrets.items():
                 if key in {c[0] for c in s.chunks}:
                     leaks.append(f"chunk object {key} of {rel} is still in the store")
-                for _, idx, gen in s.chunks:
-                    try:
-                        envelope.open_chunk(s.dek, archive_id, FileId(s.file_id), idx, gen, blob)
-                    except IntegrityError:
-                        continue
-                    leaks.append(f"object {key} decrypts with the key of {rel}")
+                for _, idx, gen, length in s.chunks:
+                    # The whole object, and every sealed chunk that may sit inside a pack
+                    # (docs/FORMAT.md section 5b): wherever a chunk header starts.
+                    for start, piece in [(0, blob)] + [(i, blob[i:i + length]) for i in chunk_starts(blob)]:
+                        try:
+                            envelope.open_chunk(s.dek, archive_id, FileId(s.file_id), idx, gen, piece)
+                        except IntegrityError:
+                            continue
+                        leaks.append(f"object {key} (at {start}) decrypts with the key of {rel}")
     return leaks
+
+
+def chunk_starts(blob: bytes) -> list[int]:
+    """Every offset where a sealed chunk's magic appears (a pack holds several)."""
+    starts = []
+    at = blob.find(CHUNK_MAGIC)
+    while at >= 0:
+        starts.append(at)
+        at = blob.find(CHUNK_MAGIC, at + 1)
+    return starts
 
 
 def shred(arc: Archive, *args: object) -> subprocess.CompletedProcess[str]:

@@ -46,8 +46,13 @@ def test_version_2_database_upgrades(tmp_path: Path) -> None:
     _v2_database(path)
     db = MetaDb(path, KEY)
     try:
-        assert SCHEMA_VERSION == 3
-        assert db.scalar("PRAGMA user_version") == 3
+        assert SCHEMA_VERSION == 4
+        assert db.scalar("PRAGMA user_version") == 4
+        # version 4: every chunk is an object of its own, no pack, nothing to repack
+        chunk = tables.get_chunk(db, InodeId(2), 0)
+        assert chunk is not None and chunk.object_key == "data/aa/00" and chunk.pack_key is None
+        assert db.all("SELECT * FROM packs") == []
+        assert db.scalar("SELECT count(*) FROM garbage WHERE cache_only = 1") == 0
         assert db.commit_seq == 7
         assert retention.sealed_at(db, InodeId(2)) == 123456789  # a closed file: sealed at its mtime
         assert retention.sealed_at(db, InodeId(3)) is None  # empty: never written

@@ -27,6 +27,7 @@ from mifs.config import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     MountConfig,
+    check_pack_size,
     format_size,
     load_config_file,
     parse_compress,
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: at once safe from a daemon crash, from power loss within 5 s)")
     p.add_argument("--upload-delay", type=float, metavar="SECONDS",
                    help="a newly written chunk waits up to SECONDS for writing to pause before it is uploaded (default 5; 0: at once)")
+    p.add_argument("--pack-size", metavar="SIZE",
+                   help="upload small chunks together as store objects of up to SIZE (e.g. 4MiB; 0: one object per chunk; "
+                        "default 4MiB on S3, 0 on a local directory store)")
     p.add_argument("--fetch-timeout", type=float, help="seconds before a read of data the store cannot deliver fails with EIO (default 60)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|off",
                    help="compress chunks with zstd before encrypting them (level 1-9, default 1), or off (the default)")
@@ -271,6 +275,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "cache_size": parse_size(args.cache_size, "cache size") if args.cache_size else None,
         "fetch_timeout": args.fetch_timeout,
         "upload_delay": _seconds(args.upload_delay, "--upload-delay"),
+        "pack_size": check_pack_size(parse_size(args.pack_size, "--pack-size"), "--pack-size") if args.pack_size else None,
         "prefetch_priors": _count(args.prefetch_priors, "--prefetch-priors", 0),
         "prefetch_parallel": _count(args.prefetch_parallel, "--prefetch-parallel", 1),
         "retention_days": _days(args.retention_days, "--retention-days"),
@@ -415,7 +420,7 @@ def _offline_status(args: argparse.Namespace) -> dict[str, Any]:
             db.close()
         status.update(
             files=counts.files, directories=counts.directories, symlinks=counts.symlinks, bytes=counts.bytes,
-            objects=counts.objects, stored_bytes=counts.stored_bytes, pending_uploads=counts.pending_uploads,
+            objects=counts.objects, chunks=counts.chunks, packs=counts.packs, stored_bytes=counts.stored_bytes, pending_uploads=counts.pending_uploads,
             pending_bytes=counts.pending_bytes, cache_dir=str(cache_dir),
         )
     return status

@@ -23,7 +23,7 @@ from mifs.chunks import DataPath
 from mifs.errors import FsError, ObjectNotFound
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
-from mifs.types import FileId, InodeId
+from mifs.types import FileId, InodeId, ObjectKey
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class Prefetcher:
         self.priors = priors
         self._parallel = max(1, parallel)
         self._jobs: dict[int, PrefetchJob] = {}  # by study id, while queued or running
-        self._heap: list[tuple[int, int, int, PrefetchJob, studies.ChunkRef]] = []
+        self._heap: list[tuple[int, int, int, PrefetchJob, list[studies.ChunkRef]]] = []
+        """(priority, order, 0, job, chunks fetched together: one, or those of one pack)"""
         self._order = itertools.count()
         self._wakeup = trio.Event()
         self._checked: dict[int, float] = {}  # study id -> when a reader's open last looked at it
@@ -121,8 +122,8 @@ class Prefetcher:
             job.finished.set()
             return job
         self._jobs[study_id] = job
-        for ref in missing:
-            heapq.heappush(self._heap, (job.priority, next(self._order), 0, job, ref))
+        for unit in _fetch_units(missing):
+            heapq.heappush(self._heap, (job.priority, next(self._order), 0, job, unit))
         self._cache.touch_group(study_id)
         self._wakeup.set()
         return job
@@ -164,17 +165,17 @@ class Prefetcher:
 
     # --- fetching ---------------------------------------------------------------------------
 
-    async def _next(self) -> tuple[PrefetchJob, studies.ChunkRef]:
+    async def _next(self) -> tuple[PrefetchJob, list[studies.ChunkRef]]:
         while not self._heap:
             if self._wakeup.is_set():  # all idle workers share one event (see Uploader._next_key)
                 self._wakeup = trio.Event()
             await self._wakeup.wait()
-        _, _, _, job, ref = heapq.heappop(self._heap)
-        return job, ref
+        _, _, _, job, unit = heapq.heappop(self._heap)
+        return job, unit
 
     async def _worker(self) -> None:
         while True:
-            job, ref = await self._next()
+            job, unit = await self._next()
             # Readers first: while one waits for the store, hold GETs for priors and admin
             # requests back a little. The study a reader opened is fetched for that reader:
             # holding it back would only make the reader fetch it chunk by chunk itself.
@@ -183,33 +184,62 @@ class Prefetcher:
                 while self._data.foreground_fetches and trio.current_time() < deadline:
                     await trio.sleep(0.002)
             try:
-                fetched = await self._fetch(job, ref)
-                if fetched:
-                    job.fetched += 1
-                    job.fetched_bytes += fetched
-                    self.fetched_objects += 1
-                    self.fetched_bytes += fetched
-                else:
-                    job.already_cached += 1
+                count, fetched = await self._fetch(job, unit)
+                job.fetched += count
+                job.fetched_bytes += fetched
+                self.fetched_objects += count
+                self.fetched_bytes += fetched
+                job.already_cached += len(unit) - count
             except (FsError, ObjectNotFound) as exc:
-                job.failed += 1
-                self.failed_objects += 1
-                log.warning("prefetch of object %s failed: %s", ref.object_key, exc)
-            job.done += 1
+                job.failed += len(unit)
+                self.failed_objects += len(unit)
+                log.warning("prefetch of object %s failed: %s", unit[0].pack_key or unit[0].object_key, exc)
+            job.done += len(unit)
             if job.done >= job.objects:
                 self._jobs.pop(job.study_id, None)
                 job.finished.set()
 
-    async def _fetch(self, job: PrefetchJob, ref: studies.ChunkRef) -> int:
-        fk = self._data.file_key(ref.inode, FileId(ref.file_id), ref.wrapped_dek)
-        # The row as it was when the job was queued: a chunk rewritten since is fetched for
+    async def _fetch(self, job: PrefetchJob, unit: list[studies.ChunkRef]) -> tuple[int, int]:
+        """Fetch one unit; (chunks fetched, their stored bytes)."""
+        # The rows as they were when the job was queued: a chunk rewritten since is fetched for
         # nothing (its old object is still there until the commit that replaced it is done)
         # or not found, which only ends this one fetch.
-        row = tables.ChunkRow(ref.inode, ref.idx, ref.object_key, ref.plain_len, ref.stored_len, ref.generation, ref.state)
+        members = [
+            (
+                self._data.file_key(ref.inode, FileId(ref.file_id), ref.wrapped_dek),
+                tables.ChunkRow(
+                    ref.inode, ref.idx, ref.object_key, ref.plain_len, ref.stored_len, ref.generation, ref.state,
+                    ref.pack_key, ref.pack_offset,
+                ),
+            )
+            for ref in unit
+        ]
+        keep = job.priority == PRIORITY_OPEN
         try:
-            return await self._data.warm(fk, row, group=job.study_id, keep_plaintext=job.priority == PRIORITY_OPEN)
+            pack = unit[0].pack_key
+            if pack is not None:
+                return await self._data.warm_pack(pack, members, group=job.study_id, keep_plaintext=keep)
+            fetched = await self._data.warm(*members[0], group=job.study_id, keep_plaintext=keep)
+            return int(fetched > 0), fetched
         except ObjectNotFound:
-            return 0
+            return 0, 0
 
     def statistics(self) -> PrefetchStatistics:
         return PrefetchStatistics(len(self._jobs), self.fetched_objects, self.fetched_bytes, self.failed_objects)
+
+
+def _fetch_units(refs: list[studies.ChunkRef]) -> list[list[studies.ChunkRef]]:
+    """The chunks to fetch, in viewing order of each unit's first chunk: a chunk of its own
+    alone, the chunks of one pack together (one ranged GET)."""
+    units: list[list[studies.ChunkRef]] = []
+    by_pack: dict[ObjectKey, list[studies.ChunkRef]] = {}
+    for ref in refs:
+        if ref.pack_key is None:
+            units.append([ref])
+            continue
+        unit = by_pack.get(ref.pack_key)
+        if unit is None:
+            unit = by_pack[ref.pack_key] = []
+            units.append(unit)
+        unit.append(ref)
+    return units

@@ -46,13 +46,28 @@ Version 3 adds crypto-shredding, retention and WORM (see shred/, vfs/retention.p
   holding that value is in the store and every older metadata object (all versions) is
   deleted, records it as keys_purged. keys_destroyed > keys_purged: old metadata copies in
   the store may still hold a destroyed key.
+
+Version 4 packs small chunks into larger store objects (see uploader.py, docs/FORMAT.md "Pack
+object"): one GET or PUT per few MiB instead of one per chunk.
+
+- chunks.pack_key, chunks.pack_offset: NULL, the chunk is the object `object_key`; otherwise
+  its stored_len bytes at pack_offset of the object `pack_key` (object_key then names the
+  chunk in the cache only, never in the store).
+- packs: every pack object the metadata names, with its size. A row exists from before its
+  upload starts (so the orphan sweep never takes a pack in flight); a pack no chunk names any
+  more goes to `garbage` in the transaction that drops its last chunk, or at the next mount.
+  ``repack`` = 1: a chunk of the pack was dropped while others live on; the uploader moves
+  the live ones into new objects and the pack then goes, so no ciphertext of a deleted or
+  shredded file stays in the store (uploader.py, "Repacking").
+- garbage.cache_only = 1: the key named a chunk inside a pack; only its cached copy is
+  deleted (the pack goes once its last chunk does).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
@@ -155,5 +170,14 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('keys_purged', 0)
 
 Execute = Callable[[str], object]
 
-MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3}
+_V4 = """
+ALTER TABLE chunks ADD COLUMN pack_key TEXT;
+ALTER TABLE chunks ADD COLUMN pack_offset INTEGER;
+CREATE INDEX chunks_by_pack ON chunks (pack_key) WHERE pack_key IS NOT NULL;
+CREATE TABLE packs (pack_key TEXT PRIMARY KEY, size INTEGER NOT NULL, repack INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE INDEX packs_to_repack ON packs (repack) WHERE repack = 1;
+ALTER TABLE garbage ADD COLUMN cache_only INTEGER NOT NULL DEFAULT 0
+"""
+
+MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
 """Script that takes the schema from version N-1 to N; version 0 is an empty database."""

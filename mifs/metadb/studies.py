@@ -100,6 +100,8 @@ class ChunkRef:
     generation: int
     file_id: bytes
     wrapped_dek: bytes
+    pack_key: ObjectKey | None = None
+    pack_offset: int = 0
 
 
 # --- the queue of files to (re)index -----------------------------------------------------------
@@ -301,7 +303,8 @@ def study_chunks(db: MetaDb, ids: list[int]) -> dict[int, StudyChunks]:
 def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
     """Every chunk of a study in viewing order: series by series, instance number, offset."""
     rows = db.all(
-        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek "
+        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek, "
+        "c.pack_key, c.pack_offset "
         "FROM dicom_instances d JOIN chunks c ON c.inode = d.inode JOIN inodes i ON i.id = d.inode "
         "WHERE d.study_id = ? AND d.status = 1 "
         "ORDER BY d.series_number IS NULL, d.series_number, d.series_uid, d.instance_number IS NULL, "
@@ -309,7 +312,10 @@ def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
         (sid,),
     )
     return [
-        ChunkRef(InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]), bytes(r[8]))
+        ChunkRef(
+            InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]), bytes(r[8]),
+            ObjectKey(r[9]) if r[9] is not None else None, int(r[10] or 0),
+        )
         for r in rows
     ]
 

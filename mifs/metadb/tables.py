@@ -51,6 +51,10 @@ class ChunkRow:
     stored_len: int
     generation: int
     state: int
+    pack_key: ObjectKey | None = None
+    """None: the chunk is the store object `object_key`; else stored_len bytes at pack_offset
+    of this pack object (object_key then names it only in the cache)."""
+    pack_offset: int = 0
 
 
 # --- meta --------------------------------------------------------------------------------------
@@ -132,8 +136,7 @@ def delete_inode(db: MetaDb, inode: InodeId) -> None:
             "ON CONFLICT (key) DO UPDATE SET value = coalesce(value, 0) + 1"
         )
     db.write("DELETE FROM retained WHERE inode = ?", (inode,))
-    db.write("INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ?", (inode,))
-    db.write("DELETE FROM chunks WHERE inode = ?", (inode,))
+    _retire_chunks(db, "inode = ?", (inode,))
     db.write("DELETE FROM xattrs WHERE inode = ?", (inode,))
     db.write("DELETE FROM dicom_instances WHERE inode = ?", (inode,))
     db.write("DELETE FROM index_queue WHERE inode = ?", (inode,))
@@ -195,21 +198,31 @@ def list_dentries(db: MetaDb, parent: InodeId, after_id: int, limit: int) -> lis
 # --- chunks ------------------------------------------------------------------------------------
 
 
-def get_chunk(db: MetaDb, inode: InodeId, idx: int) -> ChunkRow | None:
-    row = db.one(
-        "SELECT inode, idx, object_key, plain_len, stored_len, generation, state FROM chunks WHERE inode = ? AND idx = ?",
-        (inode, idx),
+_CHUNK_COLS = "inode, idx, object_key, plain_len, stored_len, generation, state, pack_key, pack_offset"
+
+
+def chunk_from_row(row: Row) -> ChunkRow:
+    """A ChunkRow from the _CHUNK_COLS of a SELECT."""
+    pack = row[7]
+    return ChunkRow(
+        InodeId(row[0]), row[1], ObjectKey(row[2]), row[3], row[4], row[5], row[6],
+        ObjectKey(pack) if pack is not None else None, int(row[8] or 0),
     )
-    return ChunkRow(InodeId(row[0]), row[1], ObjectKey(row[2]), row[3], row[4], row[5], row[6]) if row else None
+
+
+def get_chunk(db: MetaDb, inode: InodeId, idx: int) -> ChunkRow | None:
+    row = db.one(f"SELECT {_CHUNK_COLS} FROM chunks WHERE inode = ? AND idx = ?", (inode, idx))
+    return chunk_from_row(row) if row else None
 
 
 def put_chunk(db: MetaDb, chunk: ChunkRow) -> ObjectKey | None:
-    """Record a newly sealed chunk; the object it replaces (if any) becomes garbage and is returned."""
+    """Record a newly sealed chunk; the object it replaces (if any) becomes garbage and its
+    key is returned."""
     old = db.scalar("SELECT object_key FROM chunks WHERE inode = ? AND idx = ?", (chunk.inode, chunk.idx))
     if old is not None:
-        db.write("INSERT OR IGNORE INTO garbage (object_key) VALUES (?)", (old,))
+        _retire_chunks(db, "inode = ? AND idx = ?", (chunk.inode, chunk.idx))
     db.write(
-        "INSERT OR REPLACE INTO chunks (inode, idx, object_key, plain_len, stored_len, generation, state) "
+        "INSERT INTO chunks (inode, idx, object_key, plain_len, stored_len, generation, state) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (chunk.inode, chunk.idx, chunk.object_key, chunk.plain_len, chunk.stored_len, chunk.generation, chunk.state),
     )
@@ -218,15 +231,122 @@ def put_chunk(db: MetaDb, chunk: ChunkRow) -> ObjectKey | None:
 
 def drop_chunks_from(db: MetaDb, inode: InodeId, first_idx: int) -> int:
     """Forget chunks at and beyond first_idx (truncate); their objects become garbage."""
+    return _retire_chunks(db, "inode = ? AND idx >= ?", (inode, first_idx))
+
+
+def _retire_chunks(db: MetaDb, where: str, params: tuple[object, ...]) -> int:
+    """Delete the chunk rows matching `where`; what stored them becomes garbage. A chunk of its
+    own is an object of its own; a chunk inside a pack leaves only its cached copy
+    (cache_only), and the pack goes with the last chunk that names it, or is marked for
+    repacking while others live on (no ciphertext of a deleted file may stay in the store).
+    Returns the count."""
     db.write(
-        "INSERT OR IGNORE INTO garbage (object_key) SELECT object_key FROM chunks WHERE inode = ? AND idx >= ?",
-        (inode, first_idx),
+        "INSERT OR IGNORE INTO garbage (object_key, cache_only) "
+        f"SELECT object_key, pack_key IS NOT NULL FROM chunks WHERE {where}",
+        params,
     )
-    return db.write_count("DELETE FROM chunks WHERE inode = ? AND idx >= ?", (inode, first_idx))
+    packs = [r[0] for r in db.all(f"SELECT DISTINCT pack_key FROM chunks WHERE {where} AND pack_key IS NOT NULL", params)]
+    count = db.write_count(f"DELETE FROM chunks WHERE {where}", params)
+    for pack in packs:
+        if not drop_pack_if_unused(db, ObjectKey(pack)):
+            db.write("UPDATE packs SET repack = 1 WHERE pack_key = ?", (pack,))
+    return count
 
 
 def mark_stored(db: MetaDb, key: ObjectKey) -> None:
     db.write("UPDATE chunks SET state = ? WHERE object_key = ?", (STATE_STORED, key))
+
+
+# --- packs -------------------------------------------------------------------------------------
+
+
+def add_pack(db: MetaDb, pack: ObjectKey, size: int) -> None:
+    """Name a pack object before its upload starts (the orphan sweep keeps what is named)."""
+    db.write("INSERT INTO packs (pack_key, size) VALUES (?, ?)", (pack, size))
+
+
+def mark_packed(db: MetaDb, key: ObjectKey, pack: ObjectKey, offset: int) -> bool:
+    """A staged chunk is now in the store inside `pack`; False if it is no longer staged
+    (dropped or stored meanwhile: its bytes in the pack are dead)."""
+    return db.write_count(
+        "UPDATE chunks SET state = ?, pack_key = ?, pack_offset = ? WHERE object_key = ? AND state = ?",
+        (STATE_STORED, pack, offset, key, STATE_STAGED),
+    ) > 0
+
+
+def drop_pack(db: MetaDb, pack: ObjectKey) -> None:
+    """A pack no chunk needs any more: forget it and hand it to the garbage collector."""
+    db.write("DELETE FROM packs WHERE pack_key = ?", (pack,))
+    db.write("INSERT OR IGNORE INTO garbage (object_key) VALUES (?)", (pack,))
+
+
+def packs_to_repack(db: MetaDb, limit: int = 100) -> list[ObjectKey]:
+    return [ObjectKey(r[0]) for r in db.all("SELECT pack_key FROM packs WHERE repack = 1 LIMIT ?", (limit,))]
+
+
+def pack_members(db: MetaDb, pack: ObjectKey) -> list[ChunkRow]:
+    """The chunks stored in a pack, in pack order."""
+    return [chunk_from_row(r) for r in db.all(
+        f"SELECT {_CHUNK_COLS} FROM chunks WHERE pack_key = ? ORDER BY pack_offset", (pack,)
+    )]
+
+
+def packs_left(db: MetaDb, packs: Sequence[ObjectKey]) -> int:
+    """How many of `packs` are still named (not yet repacked) or wait for deletion."""
+    left = 0
+    for start in range(0, len(packs), 500):
+        part = packs[start:start + 500]
+        marks = ", ".join("?" * len(part))
+        left += int(db.scalar(
+            f"SELECT (SELECT count(*) FROM packs WHERE pack_key IN ({marks})) "
+            f"+ (SELECT count(*) FROM garbage WHERE object_key IN ({marks}))", (*part, *part),
+        ) or 0)
+    return left
+
+
+def packs_of_inodes(db: MetaDb, inodes: Sequence[InodeId]) -> list[ObjectKey]:
+    if not inodes:
+        return []
+    marks = ", ".join("?" * len(inodes))
+    return [ObjectKey(r[0]) for r in db.all(
+        f"SELECT DISTINCT pack_key FROM chunks WHERE inode IN ({marks}) AND pack_key IS NOT NULL", tuple(inodes)
+    )]
+
+
+def unpack_chunk(db: MetaDb, chunk: ChunkRow, new_key: ObjectKey) -> bool:
+    """Repacking: the chunk, still where `chunk` says, now has a staged copy under new_key
+    (the same sealed bytes) and leaves its pack; its old key names only a cached copy
+    (cache_only garbage). False if the row changed meanwhile (nothing written)."""
+    moved = db.write_count(
+        "UPDATE chunks SET object_key = ?, state = ?, pack_key = NULL, pack_offset = NULL "
+        "WHERE object_key = ? AND pack_key = ? AND pack_offset = ?",
+        (new_key, STATE_STAGED, chunk.object_key, chunk.pack_key, chunk.pack_offset),
+    ) > 0
+    if moved:
+        db.write("INSERT OR IGNORE INTO garbage (object_key, cache_only) VALUES (?, 1)", (chunk.object_key,))
+    return moved
+
+
+def drop_pack_if_unused(db: MetaDb, pack: ObjectKey) -> bool:
+    if db.one("SELECT 1 FROM chunks WHERE pack_key = ? LIMIT 1", (pack,)) is not None:
+        return False
+    drop_pack(db, pack)
+    return True
+
+
+def give_up_repack(db: MetaDb, pack: ObjectKey) -> None:
+    db.write("UPDATE packs SET repack = 0 WHERE pack_key = ?", (pack,))
+
+
+def drop_unused_packs(db: MetaDb) -> int:
+    """At mount, with no upload in flight: packs no chunk names (an upload that a crash cut
+    short before its chunks were recorded, or every chunk dropped meanwhile) become garbage."""
+    unused = [ObjectKey(r[0]) for r in db.all(
+        "SELECT pack_key FROM packs WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack_key = packs.pack_key)"
+    )]
+    for pack in unused:
+        drop_pack(db, pack)
+    return len(unused)
 
 
 def pending_uploads(db: MetaDb) -> list[tuple[ObjectKey, int]]:
@@ -245,19 +365,26 @@ def garbage_keys(db: MetaDb, limit: int = 1000) -> list[ObjectKey]:
     return [ObjectKey(r[0]) for r in db.all("SELECT object_key FROM garbage LIMIT ?", (limit,))]
 
 
+def garbage_in_store(db: MetaDb, key: ObjectKey) -> bool:
+    """Whether deleting this garbage key must delete a store object (False: a chunk that was
+    inside a pack, only its cached copy goes)."""
+    return bool(db.scalar("SELECT cache_only FROM garbage WHERE object_key = ?", (key,)) != 1)
+
+
 def forget_garbage(db: MetaDb, key: ObjectKey) -> None:
     db.write("DELETE FROM garbage WHERE object_key = ?", (key,))
 
 
 def named_object_keys(db: MetaDb, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
-    """Those of `keys` a chunk row or a garbage row names (the orphan sweep keeps them)."""
+    """Those of `keys` a chunk, pack or garbage row names (the orphan sweep keeps them)."""
     if not keys:
         return set()
     marks = ",".join("?" * len(keys))
     rows = db.all(
         f"SELECT object_key FROM chunks WHERE object_key IN ({marks}) "
-        f"UNION SELECT object_key FROM garbage WHERE object_key IN ({marks})",
-        (*keys, *keys),
+        f"UNION SELECT object_key FROM garbage WHERE object_key IN ({marks}) "
+        f"UNION SELECT pack_key FROM packs WHERE pack_key IN ({marks})",
+        (*keys, *keys, *keys),
     )
     return {ObjectKey(r[0]) for r in rows}
 
@@ -300,17 +427,30 @@ class ArchiveCounts:
     symlinks: int
     bytes: int
     objects: int
+    """Data objects in the store the metadata names: chunks of their own and packs."""
     stored_bytes: int
     pending_uploads: int
     pending_bytes: int
     garbage: int
+    chunks: int = 0
+    packs: int = 0
+    pack_dead_bytes: int = 0
+    """Bytes of packs that no chunk needs any more (shared with live chunks, or a pack whose
+    upload is in flight)."""
 
 
 def counts(db: MetaDb) -> ArchiveCounts:
     files, file_bytes = db.one("SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE (mode & 61440) = 32768") or (0, 0)
     dirs = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 16384")
     links = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 40960")
-    objects, stored = db.one("SELECT count(*), coalesce(sum(stored_len), 0) FROM chunks") or (0, 0)
+    chunks, stored, unpacked = db.one(
+        "SELECT count(*), coalesce(sum(stored_len), 0), coalesce(sum(pack_key IS NULL), 0) FROM chunks"
+    ) or (0, 0, 0)
     pending, pending_bytes = db.one("SELECT count(*), coalesce(sum(stored_len), 0) FROM chunks WHERE state = 0") or (0, 0)
     garbage = db.scalar("SELECT count(*) FROM garbage")
-    return ArchiveCounts(files, dirs, links, file_bytes, objects, stored, pending, pending_bytes, garbage)
+    packs, pack_bytes = db.one("SELECT count(*), coalesce(sum(size), 0) FROM packs") or (0, 0)
+    packed = db.scalar("SELECT coalesce(sum(stored_len), 0) FROM chunks WHERE pack_key IS NOT NULL") or 0
+    return ArchiveCounts(
+        files, dirs, links, file_bytes, unpacked + packs, stored, pending, pending_bytes, garbage, chunks, packs,
+        pack_bytes - packed,
+    )

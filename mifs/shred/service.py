@@ -11,7 +11,9 @@ Shredding a set of files (docs/FORMAT.md section 11), in this order, crash-safe 
    is gone from the namespace; nothing can decrypt it through mifs. SQLite's secure_delete
    overwrites the deleted rows; the WAL is then checkpointed and truncated.
 2. The uploader deletes every garbage object from the store with all its versions, and from
-   the cache (a crash leaves the garbage rows: the next mount resumes).
+   the cache (a crash leaves the garbage rows: the next mount resumes). A pack (docs/FORMAT.md
+   section 5b) that also holds other files' chunks is first repacked: those chunks move to new
+   objects, then the pack goes like any garbage (the repack mark is durable with step 1).
 3. metasync stores a fresh snapshot and deletes every older snapshot and journal segment with
    all versions: no metadata copy in the store holds the key any more (a crash leaves
    keys_destroyed > keys_purged: the next mount does it before anything else).
@@ -206,13 +208,14 @@ class Shredder:
             if not rows:
                 raise ShredRefused("none of the files exists any more", KIND_NOT_FOUND)
             retained = sum(1 for r in rows if r.nlink == 0)
+            packs = tables.packs_of_inodes(self._db, [r.id for r in rows])
             victims = self._destroy(rows)
             await self._committer.commit_now()
             self.shredded_files += len(victims)
             log.info("shred: destroyed the keys of %d files; deleting %d objects", len(victims), sum(len(v.keys) for v in victims))
             await self._after_destroy(victims)
             keys = [k for v in victims for k in v.keys]
-            await self._wait_objects_gone(keys, progress)
+            await self._wait_objects_gone(keys, packs, progress)
             await self._purge_metadata(progress)
             result = ShredResult(len(victims), sum(v.size for v in victims), len(keys), retained)
             # AUDIT HOOK (shred): the audit trail records who shredded what (counts, inode ids).
@@ -220,14 +223,20 @@ class Shredder:
                                   "inodes": [int(v.inode) for v in victims], "override_worm": override_worm})
             return result
 
-    async def _wait_objects_gone(self, keys: list[ObjectKey], progress: Progress) -> None:
-        last_report = trio.current_time()
+    async def _wait_objects_gone(self, keys: list[ObjectKey], packs: list[ObjectKey], progress: Progress) -> None:
+        """Until the chunks' objects and the packs that held them are deleted from the store.
+        A repacked pack becomes garbage in a transaction of the uploader's; its deletion waits
+        for a durable commit, which this makes at once instead of at the next interval."""
+        last_report = last_commit = trio.current_time()
         while True:
-            left = retention.garbage_left(self._db, keys)
+            left = retention.garbage_left(self._db, keys) + tables.packs_left(self._db, packs)
             if left == 0:
                 return
+            if self._db.dirty and trio.current_time() - last_commit >= 0.2:
+                await self._committer.commit_now()
+                last_commit = trio.current_time()
             if trio.current_time() - last_report >= 1.0:
-                await progress({"objects": len(keys), "left": left, "step": "deleting chunk objects"})
+                await progress({"objects": len(keys) + len(packs), "left": left, "step": "deleting chunk objects"})
                 last_report = trio.current_time()
             await trio.sleep(0.05)
 

@@ -7,6 +7,7 @@ under opaque names. Retries live in a wrapper, not in backends.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Callable, Protocol, TypeVar
 
 from mifs.types import ObjectKey
@@ -28,6 +29,14 @@ def check_range(offset: int, length: int) -> None:
     """Reject a range no caller means: every backend fails the same way on it, before any I/O."""
     if offset < 0 or length < 1:
         raise ValueError("a byte range needs offset >= 0 and length >= 1")
+
+
+def new_object_key() -> ObjectKey:
+    """A random name for a data object (a chunk or a pack): 128 bits, hex, fanned out over
+    256 prefixes. Random and never reused, so a name says nothing and an old one never
+    comes back (the orphan sweep relies on it)."""
+    name = secrets.token_hex(16)
+    return ObjectKey(f"data/{name[:2]}/{name}")
 
 
 T = TypeVar("T")

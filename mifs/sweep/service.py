@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 DATA_PREFIX = "data/"
 FAN_OUT = [f"{DATA_PREFIX}{i:02x}/" for i in range(256)]
-"""The prefixes chunk objects are spread over (chunks.new_object_key)."""
+"""The prefixes chunk objects are spread over (store.base.new_object_key)."""
 MAX_CANDIDATES = 100_000
 """At most this many unnamed keys are remembered between passes (the rest wait for the next)."""
 FIRST_PASS_DELAY = 600.0
