@@ -330,6 +330,11 @@ class Uploader:
 
     async def _upload(self, key: ObjectKey) -> None:
         self._queued.pop(key, None)
+        if tables.chunk_state(self._db, key) == tables.STATE_STORED:
+            # Requeued after its upload was recorded: it is in the store already (inside a
+            # pack, a second copy under its own key would be an object nothing deletes).
+            self._awaiting_commit.append(key)
+            return
         size = await self._adopt(key)
         if size is None:
             blob = await trio.to_thread.run_sync(lambda: self._cache.read_sync(key, touch=False))
@@ -358,6 +363,7 @@ class Uploader:
         their rows into it. A chunk without a local copy goes the way of a single upload."""
         for key in keys:
             self._queued.pop(key, None)
+        keys = [k for k in keys if tables.chunk_state(self._db, k) != tables.STATE_STORED]  # see _upload
         blobs = await trio.to_thread.run_sync(lambda: [self._cache.read_sync(k, touch=False) for k in keys])
         members: list[tuple[ObjectKey, int, int]] = []  # key, offset in the pack, length
         size = 0
@@ -404,30 +410,36 @@ class Uploader:
 
     async def _repack(self, pack: ObjectKey) -> None:
         """Move the live chunks of `pack` into staged copies under new keys; the pack becomes
-        garbage. The rows are changed only after every copy is staged, without a checkpoint
-        in between, and only where a row still points where it did."""
+        garbage. The bytes come from the store, never from the cache: without keys they
+        cannot be authenticated here, and a cached copy damaged on the cache disk must not
+        become the only copy. The rows are changed only after every copy is staged, without a
+        checkpoint in between, and only where a row still points where it did."""
         members = tables.pack_members(self._db, pack)
-        blobs = await trio.to_thread.run_sync(lambda: [self._cache.read_sync(m.object_key, touch=False) for m in members])
-        missing = [m for m, b in zip(members, blobs) if b is None or len(b) != m.stored_len]
-        if missing:
-            start = min(m.pack_offset for m in missing)
-            end = max(m.pack_offset + m.stored_len for m in missing)
+        if not members:
+            tables.drop_pack_if_unused(self._db, pack)
+            return
+        start = members[0].pack_offset
+        end = max(m.pack_offset + m.stored_len for m in members)
+        span = b""
+
+        async def fetch() -> None:
+            nonlocal span
+            span = await self._store.get_range_then(pack, start, end - start, lambda data: data)
+
+        try:
+            await self._with_retry("repack read", pack, fetch)
+        except ObjectNotFound:
             span = b""
-
-            async def fetch() -> None:
-                nonlocal span
-                span = await self._store.get_range_then(pack, start, end - start, lambda data: data)
-
-            try:
-                await self._with_retry("repack read", pack, fetch)
-            except ObjectNotFound:
-                log.error("pack object %s is missing from the store; its chunks cannot be moved", pack)
-                tables.give_up_repack(self._db, pack)
-                return
-            for n, m in enumerate(members):
-                if blobs[n] is None or len(blobs[n] or b"") != m.stored_len:
-                    blobs[n] = span[m.pack_offset - start:m.pack_offset - start + m.stored_len]
-        copies = [(m, new_object_key(), blob) for m, blob in zip(members, blobs) if blob is not None]
+        if len(span) != end - start:
+            # Missing or cut short in the store: its chunks fail to read either way; keep the
+            # object for an admin to look at rather than delete what is left of it.
+            log.error("pack object %s is missing or shorter than its chunks; they cannot be moved out of it", pack)
+            tables.give_up_repack(self._db, pack)
+            return
+        copies = [
+            (m, new_object_key(), span[m.pack_offset - start:m.pack_offset - start + m.stored_len]) for m in members
+        ]
+        del span
 
         def stage_all() -> None:
             for _, key, blob in copies:
@@ -440,10 +452,8 @@ class Uploader:
                 self.enqueue(key, len(blob), fresh=False)
             else:
                 unused.append(key)
-        if not tables.drop_pack_if_unused(self._db, pack):
-            tables.give_up_repack(self._db, pack)  # a member could not be read (short pack)
-            log.error("pack object %s holds chunks that could not be moved out of it", pack)
-        self.repacked_packs += 1
+        if tables.drop_pack_if_unused(self._db, pack):
+            self.repacked_packs += 1
         for key in unused:
             await trio.to_thread.run_sync(self._cache.discard_sync, key)
 

@@ -249,3 +249,27 @@ async def test_without_a_pack_size_every_chunk_is_its_own_object(tmp_path: Path)
         assert rig.uploader.statistics().uploaded_packs == 0
     finally:
         rig.db.close()
+
+
+async def test_repacking_copies_from_the_store_never_from_the_cache(rig: Rig) -> None:
+    # The uploader cannot authenticate chunks (it holds no keys): a cached copy damaged on
+    # the cache disk must not become the only copy once the old pack is deleted.
+    gone = rig.stage(1, 0, 30 * KiB)
+    kept = rig.stage(2, 0, 30 * KiB)
+    rig.enqueue_all()
+    with trio.fail_after(20):
+        await rig.uploader.wait_idle()
+    rig.db.commit()
+    cached = rig.cache.file_path(kept)
+    assert cached is not None and cached.read_bytes() == rig.blobs[kept]
+    cached.write_bytes(b"\0" * len(rig.blobs[kept]))  # bit rot on the cache disk
+    tables.drop_chunks_from(rig.db, InodeId(1), 0)
+    await rig.commit_and_collect()
+    assert rig.uploader.repacked_packs == 1
+    moved = rig.db.one(f"SELECT {tables._CHUNK_COLS} FROM chunks WHERE inode = 2 AND idx = 0")
+    assert moved is not None
+    row = tables.chunk_from_row(moved)
+    assert row.pack_key is None and row.state == tables.STATE_STORED  # alone now: an object of its own
+    assert rig.stored_objects() == {row.object_key}
+    assert (rig.store_root / row.object_key).read_bytes() == rig.blobs[kept]
+    assert rig.blobs[gone] not in (rig.store_root / row.object_key).read_bytes()
