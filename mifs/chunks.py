@@ -372,9 +372,16 @@ class DataPath:
             await pending.done.wait()
             if pending.plaintext is not None:
                 return pending.plaintext
-        fetch = self._store_fetches[key] = _StoreFetch(trio.Event())
         if group is None:
             group = studies.study_of_inode(self._db, fk.inode)
+        if foreground and row.pack_key is not None:
+            # A reader's miss inside a pack fetches the pack's other chunks too: with the same
+            # GET (a store such as SeaweedFS reads the whole object for a range anyway), and
+            # the next files of the study are most likely in it.
+            neighbours = self._pack_neighbours(row)
+            if neighbours:
+                return await self._fetch_with_neighbours(fk, row, group, neighbours)
+        fetch = self._store_fetches[key] = _StoreFetch(trio.Event())
         if foreground:
             self.foreground_fetches += 1
         try:
@@ -392,6 +399,23 @@ class DataPath:
             del self._store_fetches[key]
             fetch.done.set()
 
+    async def _fetch_with_neighbours(
+        self, fk: FileKey, row: tables.ChunkRow, group: int | None,
+        neighbours: list[tuple[FileKey, tables.ChunkRow, int | None]],
+    ) -> bytes:
+        """A reader's chunk and its pack neighbours in one GET; IntegrityError (reported) if
+        the reader's chunk fails authentication."""
+        assert row.pack_key is not None
+        self.foreground_fetches += 1
+        try:
+            opened = await self._fetch_span(row.pack_key, [(fk, row, group), *neighbours])
+        finally:
+            self.foreground_fetches -= 1
+        data = opened.get(row.object_key)
+        if data is None:
+            raise IntegrityError("chunk failed authentication")
+        return data
+
     async def warm(self, fk: FileKey, row: tables.ChunkRow, *, group: int | None, keep_plaintext: bool = False) -> int:
         """Bring one chunk into the local cache (study prefetch); returns the bytes fetched (0
         when it was local already). keep_plaintext: a reader is expected any moment (the study
@@ -403,6 +427,14 @@ class DataPath:
             self._plain.put(row.object_key, data)
         return row.stored_len
 
+    def member(self, ref: studies.ChunkRef) -> tuple[FileKey, tables.ChunkRow]:
+        """The file key and chunk row of a chunk the index listed (as it was then)."""
+        row = tables.ChunkRow(
+            ref.inode, ref.idx, ref.object_key, ref.plain_len, ref.stored_len, ref.generation, ref.state,
+            ref.pack_key, ref.pack_offset,
+        )
+        return self.file_key(ref.inode, FileId(ref.file_id), ref.wrapped_dek), row
+
     async def warm_pack(
         self, pack: ObjectKey, members: list[tuple[FileKey, tables.ChunkRow]], *, group: int | None,
         keep_plaintext: bool = False,
@@ -412,25 +444,49 @@ class DataPath:
         Readers of these chunks meanwhile join this fetch. Returns (chunks fetched, their
         stored bytes); a chunk that fails authentication is reported and left out."""
         todo = [
-            (fk, row) for fk, row in members
+            (fk, row, group) for fk, row in members
             if not self._cache.contains(row.object_key) and row.object_key not in self._store_fetches
         ]
         if not todo or self.store_is_local:
             return 0, 0
         if len(todo) == 1:
-            fk, row = todo[0]
+            fk, row, _ = todo[0]
             fetched = await self.warm(fk, row, group=group, keep_plaintext=keep_plaintext)
             return int(fetched > 0), fetched
-        start = min(row.pack_offset for _, row in todo)
-        end = max(row.pack_offset + row.stored_len for _, row in todo)
-        fetches = {row.object_key: _StoreFetch(trio.Event()) for _, row in todo}
+        opened = await self._fetch_span(pack, todo, keep_plaintext=keep_plaintext)
+        return len(opened), sum(row.stored_len for _, row, _ in todo if row.object_key in opened)
+
+    def _pack_neighbours(self, row: tables.ChunkRow) -> list[tuple[FileKey, tables.ChunkRow, int | None]]:
+        """The other chunks of the pack holding `row` that are neither cached nor being fetched."""
+        assert row.pack_key is not None
+        found = []
+        for ref, study in studies.pack_neighbours(self._db, row.pack_key, row.object_key):
+            if self._cache.contains(ref.object_key) or ref.object_key in self._store_fetches:
+                continue
+            try:
+                fk, neighbour = self.member(ref)
+            except IntegrityError:
+                continue  # its key does not open: its own reader will report that
+            found.append((fk, neighbour, study))
+        return found
+
+    async def _fetch_span(
+        self, pack: ObjectKey, todo: list[tuple[FileKey, tables.ChunkRow, int | None]], *, keep_plaintext: bool = False,
+    ) -> dict[ObjectKey, bytes]:
+        """One ranged GET of `pack` from the first to the last chunk of `todo` (each with its
+        study): every chunk authenticated and kept in the cache; readers of them join this
+        fetch meanwhile. Returns the plaintexts by key; a chunk that fails authentication is
+        reported and left out."""
+        start = min(row.pack_offset for _, row, _ in todo)
+        end = max(row.pack_offset + row.stored_len for _, row, _ in todo)
+        fetches = {row.object_key: _StoreFetch(trio.Event()) for _, row, _ in todo}
         self._store_fetches.update(fetches)
         failed: list[tuple[FileKey, tables.ChunkRow]] = []
 
         def open_all(blob: bytes) -> dict[ObjectKey, bytes]:
             """Worker thread: authenticate and cache each chunk of the span."""
             opened: dict[ObjectKey, bytes] = {}
-            for fk, row in todo:
+            for fk, row, group in todo:
                 at = row.pack_offset - start
                 try:
                     opened[row.object_key] = self._open_and_fill(fk, row, blob[at:at + row.stored_len], group)
@@ -446,7 +502,7 @@ class DataPath:
                 fetches[key].plaintext = data
                 if keep_plaintext:
                     self._plain.put(key, data)
-            return len(opened), sum(row.stored_len for _, row in todo if row.object_key in opened)
+            return opened
         finally:
             for key, fetch in fetches.items():
                 del self._store_fetches[key]

@@ -23,7 +23,7 @@ from mifs.chunks import DataPath
 from mifs.errors import FsError, ObjectNotFound
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
-from mifs.types import FileId, InodeId, ObjectKey
+from mifs.types import InodeId, ObjectKey
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +204,7 @@ class Prefetcher:
         # The rows as they were when the job was queued: a chunk rewritten since is fetched for
         # nothing (its old object is still there until the commit that replaced it is done)
         # or not found, which only ends this one fetch.
-        members = [
-            (
-                self._data.file_key(ref.inode, FileId(ref.file_id), ref.wrapped_dek),
-                tables.ChunkRow(
-                    ref.inode, ref.idx, ref.object_key, ref.plain_len, ref.stored_len, ref.generation, ref.state,
-                    ref.pack_key, ref.pack_offset,
-                ),
-            )
-            for ref in unit
-        ]
+        members = [self._data.member(ref) for ref in unit]
         keep = job.priority == PRIORITY_OPEN
         try:
             pack = unit[0].pack_key

@@ -320,6 +320,28 @@ def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
     ]
 
 
+def pack_neighbours(db: MetaDb, pack: ObjectKey, but: ObjectKey) -> list[tuple[ChunkRef, int | None]]:
+    """The other chunks stored in a pack, with their files' keys and their studies (None:
+    not an indexed DICOM file): a read that fetches the pack keeps them too."""
+    rows = db.all(
+        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek, "
+        "c.pack_key, c.pack_offset, d.study_id "
+        "FROM chunks c JOIN inodes i ON i.id = c.inode LEFT JOIN dicom_instances d ON d.inode = c.inode AND d.status = 1 "
+        "WHERE c.pack_key = ? AND c.object_key != ? AND i.wrapped_dek IS NOT NULL ORDER BY c.pack_offset",
+        (pack, but),
+    )
+    return [
+        (
+            ChunkRef(
+                InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]),
+                bytes(r[8]), ObjectKey(r[9]), int(r[10]),
+            ),
+            int(r[11]) if r[11] is not None else None,
+        )
+        for r in rows
+    ]
+
+
 def list_instances(db: MetaDb, flt: StudyFilter) -> list[InstanceRow]:
     """Indexed instances of the studies matching the filter, in viewing order."""
     ids = [s.id for s in list_studies(db, flt)]
