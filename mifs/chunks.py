@@ -116,11 +116,13 @@ class DataPath:
         staging_timeout: float = 120.0,
         crypto_threads: int = 4,
         store_is_local: bool = False,
+        pack_neighbours: bool = True,
         on_integrity_failure: Callable[[InodeId, int, str], None] | None = None,
         compressor: ChunkCompressor | None = None,
     ) -> None:
         """store_is_local: the store is a directory on this host, so a "store fetch" costs no
-        more than a cache read (local-only reads may use it). compressor: compress chunks that
+        more than a cache read (local-only reads may use it). pack_neighbours: a reader's
+        miss inside a pack also keeps the pack's other chunks (see _fetch_from_store). compressor: compress chunks that
         shrink before sealing them (--compress); chunks sealed compressed are read back
         whether or not it is given."""
         self.compressor = compressor
@@ -147,6 +149,9 @@ class DataPath:
         self._last_read: dict[InodeId, int] = {}
         self._nursery: trio.Nursery | None = None
         self.integrity_failures = 0
+        self.fetched_chunks = 0
+        """Chunks that came from the store (a reader's, their pack neighbours, prefetched)."""
+        self._fetch_pack_neighbours = pack_neighbours
         self._on_integrity_failure = on_integrity_failure
         """Told (inode, chunk index, where) of every chunk that fails authentication (audit)."""
 
@@ -374,10 +379,11 @@ class DataPath:
                 return pending.plaintext
         if group is None:
             group = studies.study_of_inode(self._db, fk.inode)
-        if foreground and row.pack_key is not None:
+        if foreground and row.pack_key is not None and self._fetch_pack_neighbours:
             # A reader's miss inside a pack fetches the pack's other chunks too: with the same
             # GET (a store such as SeaweedFS reads the whole object for a range anyway), and
-            # the next files of the study are most likely in it.
+            # the next files of the study are most likely in it. A form of prefetch: off
+            # with --no-prefetch, where only what is read is fetched.
             neighbours = self._pack_neighbours(row)
             if neighbours:
                 return await self._fetch_with_neighbours(fk, row, group, neighbours)
@@ -392,6 +398,7 @@ class DataPath:
                 self._integrity_failure(fk, row, "store")
                 raise
             fetch.plaintext = data
+            self.fetched_chunks += 1
             return data
         finally:
             if foreground:
@@ -498,6 +505,7 @@ class DataPath:
             opened = await self._get_range(pack, (start, end - start), open_all)
             for fk, row in failed:
                 self._integrity_failure(fk, row, "store")
+            self.fetched_chunks += len(opened)
             for key, data in opened.items():
                 fetches[key].plaintext = data
                 if keep_plaintext:

@@ -168,6 +168,7 @@ class Daemon:
             keyring=archive.keyring, archive_id=desc.archive_id, db=self.db, cache=self.cache, store=archive.store,
             uploader=self.uploader, chunk_size=desc.chunk_size, plaintext_cache_bytes=cfg.plaintext_cache_bytes,
             fetch_timeout=cfg.fetch_timeout, staging_timeout=cfg.staging_timeout, store_is_local=store_is_local,
+            pack_neighbours=cfg.prefetch,
             on_integrity_failure=self.fs_audit.integrity_failure,
             compressor=ChunkCompressor(cfg.compress_level) if cfg.compress_level is not None else None,
         )
@@ -286,6 +287,7 @@ class Daemon:
             "sync_close": self.cfg.sync_close or self.cfg.sync_uploads,
             "failsafe": self.fs.failsafe_reason,
             "integrity_failures": self.data.integrity_failures,
+            "fetched_chunks": self.data.fetched_chunks,
             "staging_waits": self.data.staging_waits,
             "open_file_write_backs": self.files.write_backs,
             **self._compression_status(),
