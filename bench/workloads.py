@@ -219,8 +219,8 @@ class StudyRead(Workload):
         "a viewer opens a CT study: every file in instance order, one reader, open / read to EOF "
         "in 1 MiB reads / close. Cold: mifs unmounted, its cache dir's chunks/ wiped (meta.db "
         "kept), mounted again, so every byte comes from S3; disk: page cache dropped. Hot: the "
-        "same read again without remount. boto3: list the archive's data/ objects, GET all of "
-        "them with 8 threads (cold = the GETs, listing reported apart)"
+        "same read again without remount. boto3: the study as one object per file (PUT once, "
+        "untimed), listed, then GET with 8 threads (cold = the GETs, listing reported apart)"
     )
     metrics = (
         Metric("cold_seconds", "cold s", False, 2),
