@@ -273,3 +273,25 @@ async def test_repacking_copies_from_the_store_never_from_the_cache(rig: Rig) ->
     assert rig.stored_objects() == {row.object_key}
     assert (rig.store_root / row.object_key).read_bytes() == rig.blobs[kept]
     assert rig.blobs[gone] not in (rig.store_root / row.object_key).read_bytes()
+
+
+async def test_a_pack_missing_from_the_store_is_left_alone_and_does_not_hold_up_a_shred(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    gone = rig.stage(1, 0, 20 * KiB)
+    kept = rig.stage(2, 0, 20 * KiB)
+    rig.enqueue_all()
+    with trio.fail_after(20):
+        await rig.uploader.wait_idle()
+    pack = rig.row(kept).pack_key
+    assert pack is not None
+    rig.db.commit()
+    (rig.store_root / pack).unlink()  # lost by the store
+    tables.drop_chunks_from(rig.db, InodeId(1), 0)
+    assert tables.packs_left(rig.db, [pack]) == 1  # marked for repacking
+    await rig.commit_and_collect()
+    assert rig.uploader.repacked_packs == 0
+    assert rig.db.all("SELECT pack_key, repack FROM packs") == [(pack, 0)]  # gave up, kept for an admin
+    assert tables.packs_left(rig.db, [pack]) == 0  # a shred waiting for it goes on
+    assert rig.row(kept).pack_key == pack  # nothing moved: no copy of bytes that are not there
+    assert rig.db.scalar("SELECT count(*) FROM chunks WHERE inode = 2") == 1
+    assert any("is missing or shorter than its chunks" in r.getMessage() for r in caplog.records)
+    assert gone not in {r[0] for r in rig.db.all("SELECT object_key FROM chunks")}

@@ -292,13 +292,14 @@ def pack_members(db: MetaDb, pack: ObjectKey) -> list[ChunkRow]:
 
 
 def packs_left(db: MetaDb, packs: Sequence[ObjectKey]) -> int:
-    """How many of `packs` are still named (not yet repacked) or wait for deletion."""
+    """How many of `packs` still wait for their repack or for deletion (a repack that gave
+    up, on a pack missing from the store or cut short, no longer counts: it is logged)."""
     left = 0
     for start in range(0, len(packs), 500):
         part = packs[start:start + 500]
         marks = ", ".join("?" * len(part))
         left += int(db.scalar(
-            f"SELECT (SELECT count(*) FROM packs WHERE pack_key IN ({marks})) "
+            f"SELECT (SELECT count(*) FROM packs WHERE repack = 1 AND pack_key IN ({marks})) "
             f"+ (SELECT count(*) FROM garbage WHERE object_key IN ({marks}))", (*part, *part),
         ) or 0)
     return left
