@@ -36,6 +36,7 @@ from mifs.errors import (
     ObjectNotFound,
     StorePermissionDenied,
     StoreUnavailable,
+    WrongKey,
 )
 from mifs.metadb import studies, tables
 from mifs.metadb.db import MetaDb
@@ -472,8 +473,8 @@ class DataPath:
                 continue
             try:
                 fk, neighbour = self.member(ref)
-            except IntegrityError:
-                continue  # its key does not open: its own reader will report that
+            except (IntegrityError, WrongKey):
+                continue  # its key does not open here: its own reader will report that
             found.append((fk, neighbour, study))
         return found
 

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--read-only", action="store_true", help="mount read-only (same as -o ro): every change fails with EROFS")
     group = p.add_argument_group("DICOM")
     group.add_argument("--no-index", action="store_true", help="do not index written files (mifs reindex does it later)")
-    group.add_argument("--no-prefetch", action="store_true", help="do not fetch the rest of a study when one of its files is opened")
+    group.add_argument("--no-prefetch", action="store_true", help="fetch only what is read: not the rest of a study when one of its files is opened, "
+                            "nor the other chunks of a pack")
     group.add_argument("--prefetch-priors", type=int, metavar="N", help="also prefetch the N most recent other studies of the patient (default 0)")
     group.add_argument("--prefetch-parallel", type=int, metavar="N", help="parallel store requests of study prefetch (default 8)")
     group = p.add_argument_group("retention")
