@@ -11,8 +11,10 @@ Must not know about files or handles. Two strengths:
   last one, fsyncs the cache directories that gained them, commits, and fdatasyncs the WAL:
   then everything committed so far survives power loss. Only then is the uploader told
   (after_commit): deleting garbage from the store is safe only once the commit that allows it
-  can no longer be undone by a power loss. (Evicting the local copy of an uploaded chunk is
-  safe after any commit: the store has it; see Uploader.after_light_commit.)
+  can no longer be undone by a power loss. (Evicting the local copy of a chunk uploaded as an
+  object of its own is safe after any commit: the store has it under its name; see
+  Uploader.after_light_commit. A chunk uploaded inside a pack is found only through the
+  commit that recorded it, so its copy waits for a durable one: Uploader.after_commit.)
 
 Concurrent callers are serialised and share one commit when they can (group commit).
 """

@@ -42,7 +42,7 @@ import math
 from typing import Awaitable, Callable
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -69,6 +69,9 @@ class CommitPoint:
     """What one commit recorded that may be acted on only once it is durable."""
 
     garbage: list[ObjectKey]
+    packed: list[ObjectKey] = field(default_factory=list)
+    """Chunks recorded as inside a pack: their local copies may go only now (see
+    Uploader.after_commit)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Uploader:
         self._queued: dict[ObjectKey, tuple[int, float]] = {}  # key -> (size, enqueue time)
         self._in_flight: dict[ObjectKey, tuple[int, float]] = {}  # key -> (size, enqueue time)
         self._awaiting_commit: list[ObjectKey] = []
+        self._awaiting_durable: set[ObjectKey] = set()  # packed chunks, see after_commit
         self._wakeup = trio.Event()
         self._gc_wakeup = trio.Event()
         self._gc_ready: set[ObjectKey] = set()
@@ -161,12 +165,19 @@ class Uploader:
         row visible is in that commit."""
         if tables.packs_to_repack(self._db, 1):
             self._repack_wakeup.set()
-        return CommitPoint(tables.garbage_keys(self._db))
+        return CommitPoint(tables.garbage_keys(self._db), list(self._awaiting_durable))
 
     def after_commit(self, point: CommitPoint) -> None:
         """Called once the commit of `point` survives power loss: its garbage may now be
         deleted from the store (a power loss that undid the commit would otherwise leave
-        metadata naming deleted objects)."""
+        metadata naming deleted objects). The local copies of the chunks it recorded as
+        inside a pack may be evicted now, not after a light commit as a chunk of its own: a
+        power loss that undid the record would leave the chunk staged with no local copy,
+        and the store holds it under no name of its own (the pack is found through the
+        record only). Until a durable commit covers them they stay in the list."""
+        for key in point.packed:
+            self._cache.mark_clean_sync(key)
+        self._awaiting_durable.difference_update(point.packed)
         self._gc_ready.update(point.garbage)
         if self._gc_ready:
             self._gc_wakeup.set()
@@ -333,7 +344,7 @@ class Uploader:
         if tables.chunk_state(self._db, key) == tables.STATE_STORED:
             # Requeued after its upload was recorded: it is in the store already (inside a
             # pack, a second copy under its own key would be an object nothing deletes).
-            self._awaiting_commit.append(key)
+            self._awaiting_durable.add(key)
             return
         size = await self._adopt(key)
         if size is None:
@@ -386,7 +397,7 @@ class Uploader:
         for key, offset, length in members:
             if tables.mark_packed(self._db, key, pack, offset):
                 live += 1
-            self._awaiting_commit.append(key)
+            self._awaiting_durable.add(key)
             self._uploaded_objects += 1
             self._uploaded_bytes += length
         if not live:

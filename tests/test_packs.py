@@ -295,3 +295,23 @@ async def test_a_pack_missing_from_the_store_is_left_alone_and_does_not_hold_up_
     assert rig.db.scalar("SELECT count(*) FROM chunks WHERE inode = 2") == 1
     assert any("is missing or shorter than its chunks" in r.getMessage() for r in caplog.records)
     assert gone not in {r[0] for r in rig.db.all("SELECT object_key FROM chunks")}
+
+
+async def test_a_packed_chunk_keeps_its_local_copy_until_a_durable_commit(rig: Rig) -> None:
+    # The store holds a packed chunk under no name of its own: if a power loss undid the
+    # light commit that recorded the pack, only the local copy could upload it again.
+    keys = [rig.stage(1, i, 10 * KiB) for i in range(3)]
+    rig.enqueue_all()
+    with trio.fail_after(20):
+        await rig.uploader.wait_idle()
+    assert rig.row(keys[0]).pack_key is not None
+    rig.db.commit(durable=False)
+    rig.uploader.after_light_commit()
+    assert rig.cache.has_staged(), "evictable after a light commit"
+    rig.db.commit()
+    point = rig.uploader.commit_point()
+    assert sorted(point.packed) == sorted(keys)
+    assert rig.cache.has_staged(), "evictable before the commit is durable"
+    rig.uploader.after_commit(point)
+    assert not rig.cache.has_staged()
+    assert rig.uploader.commit_point().packed == []
