@@ -32,6 +32,9 @@ PRIORITY_PRIOR = 1  # an earlier study of the same patient
 PRIORITY_ADMIN = 2  # mifs cache prefetch / pin
 RECHECK_SECONDS = 10.0
 FOREGROUND_GRACE = 0.05
+READER_WAIT = 1.0
+"""How long the prefetch of a study a reader opened waits for the reader to take the
+plaintext kept ahead for it (DataPath.room_ahead) before it goes on caching only."""
 
 
 @dataclass
@@ -45,6 +48,8 @@ class PrefetchJob:
     fetched_bytes: int = 0
     failed: int = 0
     finished: trio.Event = field(default_factory=trio.Event)
+    reader_behind: bool = False
+    """The reader did not take the plaintext kept ahead for it in time: fetch on, cache only."""
 
     def progress(self) -> dict[str, int]:
         return {
@@ -205,7 +210,9 @@ class Prefetcher:
         # nothing (its old object is still there until the commit that replaced it is done)
         # or not found, which only ends this one fetch.
         members = [self._data.member(ref) for ref in unit]
-        keep = job.priority == PRIORITY_OPEN
+        keep = job.priority == PRIORITY_OPEN and not job.reader_behind
+        if keep and not await self._data.room_ahead(sum(ref.stored_len for ref in unit), READER_WAIT):
+            job.reader_behind = keep = False
         try:
             pack = unit[0].pack_key
             if pack is not None:
