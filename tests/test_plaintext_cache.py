@@ -1,4 +1,4 @@
-"""The plaintext LRU's account of what study prefetch keeps ahead of a reader (chunks.py).
+"""The plaintext LRU's account of what study prefetch keeps ahead of a reader (plaintext_cache.py).
 
 Prefetch that runs further ahead than the LRU holds makes the reader read and decrypt the
 cached copy a second time; these tests pin the accounting the prefetcher throttles on.
@@ -6,7 +6,7 @@ cached copy a second time; these tests pin the accounting the prefetcher throttl
 
 from __future__ import annotations
 
-from mifs.chunks import PlaintextCache
+from mifs.plaintext_cache import PlaintextCache
 from mifs.types import ObjectKey
 
 A, B, C, D = (ObjectKey(f"data/00/{n * 32}") for n in "abcd")

@@ -25,7 +25,6 @@ from typing import Any, Protocol, TypeVar
 import http.client
 import ssl
 from urllib.parse import urlsplit, urlunsplit
-from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions as bce
@@ -36,6 +35,7 @@ from botocore.httpsession import get_cert_path
 from mifs.errors import MifsError, ObjectNotFound, StorePermissionDenied, StoreUnavailable
 from mifs.store.base import check_key, check_range
 from mifs.store.s3_direct import ConnectFailed, Credentials, DirectClient, Reply
+from mifs.store.s3_errors import error_code, translate
 from mifs.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -49,46 +49,10 @@ DEFAULT_REGION = "us-east-1"
 
 _T = TypeVar("_T")
 
-# Error codes (botocore ClientError "Code") by what they mean for us. HEAD requests carry no
-# body, so their code is the bare HTTP status ("404", "403"): statuses are checked as well.
-_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
-_TRANSIENT = frozenset(
-    {
-        "SlowDown",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "BandwidthLimitExceeded",
-        "OperationAborted",
-        "ConditionalRequestConflict",  # concurrent conditional writes to one key: try again
-        "ExpiredToken",  # temporary credentials: botocore refreshes them on the next attempt
-        "BadDigest",  # the body did not match its Content-MD5: damaged on the way, send it again
-        "IncompleteBody",  # the connection broke while sending the body
-    }
-)
 _RANGE_STATUSES = frozenset({200, 206, 416})
 """What a ranged GET may answer: the whole object (a server that ignores Range), the range,
 or Range Not Satisfiable (the range starts past the end)."""
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(?:\d+|\*)")
-_PERMISSION_MESSAGES = {
-    "AccessDenied": "access denied to bucket {bucket}",
-    "AllAccessDisabled": "all access to bucket {bucket} is disabled",
-    "AccountProblem": "the S3 account has a problem; access to bucket {bucket} refused",
-    "InvalidAccessKeyId": "the S3 server does not know the access key (bucket {bucket})",
-    "SignatureDoesNotMatch": "the S3 server rejected the request signature: wrong secret key for bucket {bucket}",
-    "InvalidToken": "the S3 session token is invalid (bucket {bucket})",
-    "NoSuchBucket": "bucket {bucket} does not exist",
-    "PermanentRedirect": "bucket {bucket} is in another region (set the region)",
-    "AuthorizationHeaderMalformed": "bucket {bucket} is in another region, or the region is wrong",
-    "RequestTimeTooSkewed": "the local clock is too far from the S3 server's clock (bucket {bucket})",
-    "403": "access denied to bucket {bucket} (wrong credentials or no permission)",
-}
 
 
 @dataclass(frozen=True)
@@ -132,17 +96,6 @@ class S3Options:
             raise ValueError("timeouts must be positive")
         if (self.access_key is None) != (self.secret_key is None):
             raise ValueError("give both an access key and a secret key, or neither")
-
-
-def _error_code(body: bytes) -> tuple[str, str]:
-    """Code and Message of an S3 XML error document ("", "" when there is none)."""
-    try:
-        root = ElementTree.fromstring(body) if body.strip() else None
-    except ElementTree.ParseError:
-        return "", ""
-    if root is None:
-        return "", ""
-    return (root.findtext("Code") or "").strip(), (root.findtext("Message") or "").strip()
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -228,42 +181,8 @@ class S3Store:
         return self._key_prefix + check_key(key)
 
     def _translate(self, exc: Exception, what: str) -> MifsError:
-        """The mifs error for a boto3 failure; messages name the bucket, never credentials."""
-        bucket = self.bucket
-        if isinstance(exc, bce.ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            detail = f"{code or 'error'} (HTTP {status})" if status else code or "error"
-            if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
-                return ObjectNotFound(f"{what}: no such object in bucket {bucket}")
-            if code in _TRANSIENT or status >= 500 or status in (408, 429):
-                return StoreUnavailable(f"{what}: S3 at {self.endpoint} failed with {detail}")
-            if code in _PERMISSION_MESSAGES:
-                return StorePermissionDenied(_PERMISSION_MESSAGES[code].format(bucket=bucket))
-            if code in ("301", "307"):  # a HEAD answered with a redirect: wrong region
-                return StorePermissionDenied(_PERMISSION_MESSAGES["PermanentRedirect"].format(bucket=bucket))
-            return StorePermissionDenied(f"{what}: S3 refused the request for bucket {bucket}: {detail}")
-        if isinstance(exc, bce.SSLError):
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
-                return StorePermissionDenied(f"TLS certificate of {self.endpoint} not trusted (CA bundle?)")
-            return StoreUnavailable(f"{what}: TLS failure talking to {self.endpoint}")
-        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
-            return StorePermissionDenied("no usable S3 credentials (environment, profile or instance role)")
-        if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError)):
-            return StoreUnavailable(f"{what}: S3 at {self.endpoint} timed out")
-        if isinstance(
-            exc,
-            (
-                bce.ConnectionError,  # EndpointConnectionError, proxy errors
-                bce.HTTPClientError,  # ConnectionClosedError, ResponseStreamingError
-                bce.IncompleteReadError,
-                bce.CredentialRetrievalError,
-                OSError,
-            ),
-        ):
-            return StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})")
-        return StoreUnavailable(f"{what}: unexpected S3 client failure ({type(exc).__name__})")
+        """The mifs error for a boto3 failure (s3_errors.translate)."""
+        return translate(exc, what, bucket=self.bucket, endpoint=self.endpoint)
 
     def _call(self, what: str, fn: Callable[..., _T], **kwargs: Any) -> _T:
         """One boto3 request (in a worker thread), its failure translated."""
@@ -419,7 +338,7 @@ class S3Store:
         except (http.client.HTTPException, OSError) as exc:
             raise StoreUnavailable(f"{what}: S3 at {self.endpoint} unreachable ({type(exc).__name__})") from None
         if reply.status not in ok:
-            code, message = _error_code(reply.body)
+            code, message = error_code(reply.body)
             if not code and reply.status in (301, 307):
                 code = str(reply.status)
             response: Any = {
