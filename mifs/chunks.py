@@ -434,10 +434,7 @@ class DataPath:
         the span from the first to the last of them that is neither cached nor being fetched.
         Readers of these chunks meanwhile join this fetch. Returns (chunks fetched, their
         stored bytes); a chunk that fails authentication is reported and left out."""
-        todo = [
-            (fk, row, group) for fk, row in members
-            if not self._cache.contains(row.object_key) and row.object_key not in self._store_fetches
-        ]
+        todo = [(fk, row, group) for fk, row in members if self._wanted_from_store(row.object_key)]
         if not todo or self.store_is_local:
             return 0, 0
         if len(todo) == 1:
@@ -447,12 +444,16 @@ class DataPath:
         opened = await self._fetch_span(pack, todo, keep_plaintext=keep_plaintext)
         return len(opened), sum(row.stored_len for _, row, _ in todo if row.object_key in opened)
 
+    def _wanted_from_store(self, key: ObjectKey) -> bool:
+        """Neither cached nor being fetched: a pack fetch should bring this chunk."""
+        return not self._cache.contains(key) and key not in self._store_fetches
+
     def _pack_neighbours(self, row: tables.ChunkRow) -> list[tuple[FileKey, tables.ChunkRow, int | None]]:
         """The other chunks of the pack holding `row` that are neither cached nor being fetched."""
         assert row.pack_key is not None
         found = []
         for ref, study in studies.pack_neighbours(self._db, row.pack_key, row.object_key):
-            if self._cache.contains(ref.object_key) or ref.object_key in self._store_fetches:
+            if not self._wanted_from_store(ref.object_key):
                 continue
             try:
                 fk, neighbour = self.member(ref)

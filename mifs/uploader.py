@@ -13,8 +13,8 @@ the CPUs (the data is durable on local disk meanwhile; rclone's VFS cache does t
 its 5 s write-back delay). Draining (unmount), chunks staged before this mount, and a cache
 filling up with staged data (STAGED_SHARE_NO_DELAY of its limit) upload at once.
 
-Packs (`pack_size`): a worker takes as many small chunks as are due, up to pack_size bytes,
-and uploads them as one object, their sealed bytes one after the other (docs/FORMAT.md "Pack
+Packs (`pack_size`): a worker that takes a due small chunk also takes the small chunks queued
+behind it, up to pack_size bytes, and uploads them as one object, their sealed bytes one after the other (docs/FORMAT.md "Pack
 object"): against S3 the cost of a PUT, and later of a GET, is mostly per request, so a study
 of 400 small files moves as ~50 objects instead of 400. A chunk of half pack_size or more, or
 one alone in the queue, is uploaded as an object of its own. The pack is named in the
@@ -23,7 +23,7 @@ stored; a crash in between leaves a pack no chunk names, dropped at the next mou
 
 Repacking: when a chunk inside a pack is dropped (its file deleted, shredded, truncated or
 rewritten) while other chunks of the pack live on, the pack is marked (packs.repack). The
-repack task copies the live chunks' sealed bytes (from the cache, else one ranged GET) into
+repack task copies the live chunks' sealed bytes (one ranged GET of the pack) into
 staged copies under new keys, points their rows there in one synchronous step, and the old
 pack, named by nothing, becomes garbage: deleted with every stored version once that commit is
 durable. So a deleted file leaves no ciphertext in the store (docs/FORMAT.md section 11), at
@@ -183,10 +183,6 @@ class Uploader:
             self._gc_wakeup.set()
 
     # --- waiting ----------------------------------------------------------------------------
-
-    def repack_now(self) -> None:
-        """Repack the marked packs without waiting for the next durable commit (shred)."""
-        self._repack_wakeup.set()
 
     def busy(self) -> bool:
         return bool(self._queued or self._in_flight or self._gc_ready)

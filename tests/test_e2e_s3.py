@@ -965,6 +965,14 @@ def test_sync_uploads_close_waits_for_the_store(s3_server: SeaweedS3, s3_archive
 # --- 10. packs (docs/FORMAT.md section 5b) -------------------------------------------------------
 
 
+def mount_and_write(arc: Archive, files: dict[str, bytes]) -> None:
+    """Mount the archive and write `files` (relative paths, directories made as needed)."""
+    arc.mount()
+    for rel, data in files.items():
+        (arc.mountpoint / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_file(arc.mountpoint / rel, data)
+
+
 def read_file_without_mifs(arc: Archive, relpath: str) -> bytes:
     """docs/FORMAT.md section 7 by hand, from the key file and the bucket only: the newest
     metadata snapshot opened with SQLCipher, the chunks read at their pack offsets."""
@@ -998,10 +1006,7 @@ def test_a_study_goes_up_in_packs_and_comes_back_byte_exact(s3_server: SeaweedS3
     mp = arc.mountpoint
     files = {str(f.relpath): f.data for f in study_files(StudySpec(seed=31, series_count=2, images_per_series=12))}
     assert len(files) == 24 and all(512 * KiB < len(d) < 600 * KiB for d in files.values())
-    arc.mount()
-    for rel, data in files.items():
-        (mp / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_file(mp / rel, data)
+    mount_and_write(arc, files)
     arc.wait_status(lambda s: s["index_backlog"] == 0 and s["dicom_instances"] == 24, 60, "the study to be indexed")
     arc.umount()  # drains: every chunk in the store
 
@@ -1042,9 +1047,7 @@ def test_a_damaged_pack_fails_only_the_chunk_hit(s3_server: SeaweedS3, s3_archiv
     arc = s3_archive
     mp = arc.mountpoint
     files = {f"f{i}.bin": pattern(f"pack-{i}", 300 * KiB + i) for i in range(6)}
-    arc.mount()
-    for rel, data in files.items():
-        write_file(mp / rel, data)
+    mount_and_write(arc, files)
     arc.umount()
     (pack,) = data_keys(s3_server, arc)  # 6 x 300 KiB: one pack
     name = f"{arc.s3_prefix}/{pack}"
@@ -1068,9 +1071,7 @@ def test_deleting_files_leaves_none_of_their_bytes_in_the_store(s3_server: Seawe
     arc = s3_archive
     mp = arc.mountpoint
     files = {f"f{i}.bin": pattern(f"del-{i}", 400 * KiB + i) for i in range(8)}
-    arc.mount()
-    for rel, data in files.items():
-        write_file(mp / rel, data)
+    mount_and_write(arc, files)
     assert arc.run_cli("sync", mp).returncode == 0
     before = data_keys(s3_server, arc)
     assert len(before) == 1, before  # 8 x 400 KiB: one pack
@@ -1100,9 +1101,7 @@ def test_a_read_inside_a_pack_brings_its_neighbours_unless_prefetch_is_off(s3_se
     arc = s3_archive
     mp = arc.mountpoint
     files = {f"f{i}.bin": pattern(f"nb-{i}", 300 * KiB + i) for i in range(6)}  # not DICOM: no study prefetch
-    arc.mount()
-    for rel, data in files.items():
-        write_file(mp / rel, data)
+    mount_and_write(arc, files)
     arc.umount()
     assert len(data_keys(s3_server, arc)) == 1  # one pack
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from mifs.metadb.db import MetaDb
+from mifs.metadb.db import MetaDb, Row
 from mifs.types import ROOT_INODE, InodeId, ObjectKey
 
 STATUS_INDEXED = 1
@@ -303,43 +303,40 @@ def study_chunks(db: MetaDb, ids: list[int]) -> dict[int, StudyChunks]:
 def study_chunk_refs(db: MetaDb, sid: int) -> list[ChunkRef]:
     """Every chunk of a study in viewing order: series by series, instance number, offset."""
     rows = db.all(
-        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek, "
-        "c.pack_key, c.pack_offset "
+        f"SELECT {_REF_COLS} "
         "FROM dicom_instances d JOIN chunks c ON c.inode = d.inode JOIN inodes i ON i.id = d.inode "
         "WHERE d.study_id = ? AND d.status = 1 "
         "ORDER BY d.series_number IS NULL, d.series_number, d.series_uid, d.instance_number IS NULL, "
         "d.instance_number, d.inode, c.idx",
         (sid,),
     )
-    return [
-        ChunkRef(
-            InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]), bytes(r[8]),
-            ObjectKey(r[9]) if r[9] is not None else None, int(r[10] or 0),
-        )
-        for r in rows
-    ]
+    return [_chunk_ref(r) for r in rows]
+
+
+_REF_COLS = (
+    "c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek, "
+    "c.pack_key, c.pack_offset"
+)
+"""The columns _chunk_ref reads, from chunks c joined with inodes i."""
+
+
+def _chunk_ref(r: Row) -> ChunkRef:
+    return ChunkRef(
+        InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]), bytes(r[8]),
+        ObjectKey(r[9]) if r[9] is not None else None, int(r[10] or 0),
+    )
 
 
 def pack_neighbours(db: MetaDb, pack: ObjectKey, but: ObjectKey) -> list[tuple[ChunkRef, int | None]]:
     """The other chunks stored in a pack, with their files' keys and their studies (None:
     not an indexed DICOM file): a read that fetches the pack keeps them too."""
     rows = db.all(
-        "SELECT c.inode, c.idx, c.object_key, c.stored_len, c.state, c.plain_len, c.generation, i.file_id, i.wrapped_dek, "
-        "c.pack_key, c.pack_offset, d.study_id "
+        f"SELECT {_REF_COLS}, d.study_id "
         "FROM chunks c JOIN inodes i ON i.id = c.inode LEFT JOIN dicom_instances d ON d.inode = c.inode AND d.status = 1 "
         "WHERE c.pack_key = ? AND c.object_key != ? AND i.wrapped_dek IS NOT NULL ORDER BY c.pack_offset",
         (pack, but),
     )
-    return [
-        (
-            ChunkRef(
-                InodeId(r[0]), int(r[1]), ObjectKey(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), bytes(r[7]),
-                bytes(r[8]), ObjectKey(r[9]), int(r[10]),
-            ),
-            int(r[11]) if r[11] is not None else None,
-        )
-        for r in rows
-    ]
+    return [(_chunk_ref(r), int(r[11]) if r[11] is not None else None) for r in rows]
 
 
 def list_instances(db: MetaDb, flt: StudyFilter) -> list[InstanceRow]:

@@ -444,13 +444,13 @@ def counts(db: MetaDb) -> ArchiveCounts:
     files, file_bytes = db.one("SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE (mode & 61440) = 32768") or (0, 0)
     dirs = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 16384")
     links = db.scalar("SELECT count(*) FROM inodes WHERE (mode & 61440) = 40960")
-    chunks, stored, unpacked = db.one(
-        "SELECT count(*), coalesce(sum(stored_len), 0), coalesce(sum(pack_key IS NULL), 0) FROM chunks"
-    ) or (0, 0, 0)
+    chunks, stored, unpacked, packed = db.one(
+        "SELECT count(*), coalesce(sum(stored_len), 0), coalesce(sum(pack_key IS NULL), 0), "
+        "coalesce(sum(CASE WHEN pack_key IS NOT NULL THEN stored_len END), 0) FROM chunks"
+    ) or (0, 0, 0, 0)
     pending, pending_bytes = db.one("SELECT count(*), coalesce(sum(stored_len), 0) FROM chunks WHERE state = 0") or (0, 0)
     garbage = db.scalar("SELECT count(*) FROM garbage")
     packs, pack_bytes = db.one("SELECT count(*), coalesce(sum(size), 0) FROM packs") or (0, 0)
-    packed = db.scalar("SELECT coalesce(sum(stored_len), 0) FROM chunks WHERE pack_key IS NOT NULL") or 0
     return ArchiveCounts(
         files, dirs, links, file_bytes, unpacked + packs, stored, pending, pending_bytes, garbage, chunks, packs,
         pack_bytes - packed,
