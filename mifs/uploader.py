@@ -17,7 +17,9 @@ Packs (`pack_size`): a worker that takes a due small chunk also takes the small 
 behind it, up to pack_size bytes, and uploads them as one object, their sealed bytes one after the other (docs/FORMAT.md "Pack
 object"): against S3 the cost of a PUT, and later of a GET, is mostly per request, so a study
 of 400 small files moves as ~50 objects instead of 400. A chunk of half pack_size or more, or
-one alone in the queue, is uploaded as an object of its own. The pack is named in the
+one alone in the queue, or any while staged data takes more than STAGED_SHARE_NO_DELAY of
+the cache (each then frees its room as soon as it is stored), is uploaded as an object of
+its own. The pack is named in the
 database (tables.add_pack) before its upload starts, and its chunks point into it once it is
 stored; a crash in between leaves a pack no chunk names, dropped at the next mount.
 
@@ -291,7 +293,10 @@ class Uploader:
         up with it even if their own delay is not over: `first` is due, so this PUT competes
         with the writers anyway, and the same PUT carrying more bytes costs little more."""
         size = self._in_flight[first][0]
-        if not self._packable(size):
+        if not self._packable(size) or self._cache.staged_share() > STAGED_SHARE_NO_DELAY:
+            # A cache filling with staged data needs room soon: a chunk of its own may leave
+            # the cache after any commit, a packed one only after a durable commit (see
+            # after_commit) and only once its whole pack is stored.
             return []
         taken: list[ObjectKey] = []
         while self._queue and len(taken) + 1 < PACK_MAX_CHUNKS:

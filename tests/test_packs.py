@@ -315,3 +315,24 @@ async def test_a_packed_chunk_keeps_its_local_copy_until_a_durable_commit(rig: R
     rig.uploader.after_commit(point)
     assert not rig.cache.has_staged()
     assert rig.uploader.commit_point().packed == []
+
+
+async def test_a_cache_filling_with_staged_data_uploads_chunks_one_by_one(tmp_path: Path) -> None:
+    # Under pressure each chunk must free its room as soon as it is stored: a packed chunk
+    # waits for its whole pack and then for a durable commit.
+    rig = Rig(tmp_path, pack_size=1 * MiB)
+    rig.cache = ChunkCache(tmp_path / "small-cache", 1 * MiB)
+    rig.uploader = Uploader(rig.store, rig.cache, rig.db, workers=2, delay=0.0, pack_size=1 * MiB)
+    try:
+        keys = [rig.stage(1, i, 100 * KiB) for i in range(4)]  # 400 KiB staged: 39 % of the cache
+        assert rig.cache.staged_share() > 0.25
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.uploader.run)
+            rig.enqueue_all()
+            with trio.fail_after(20):
+                await rig.uploader.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert rig.uploader.statistics().uploaded_packs == 0
+        assert rig.stored_objects() == set(keys)
+    finally:
+        rig.db.close()
